@@ -1,0 +1,76 @@
+"""Shared base classes of the attention methods.
+
+``AttentionBase`` fixes the call signature and the auxiliary-loss channel; ``QKVAttention`` adds the
+query/key/value/output projections with one set of parameter names (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``), so the same weights can be loaded into ``softmax`` and into any approximation built on
+them and the two outputs compared (fidelity tests and reports).
+
+Shapes: ``x: [B, N, D]``, ``mask: [B, N]`` bool (True = real token); heads split ``D = H * Dh`` into
+``[B, H, N, Dh]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AttentionBase(nn.Module):
+    """Interface of every attention: ``forward(x, mask) -> [B, N, D]``.
+
+    Methods with a training objective of their own (e.g. Proxyformer's contrastive term) store it in
+    ``self.aux_losses`` (name -> scalar tensor) during ``forward``; the LightningModule sums every
+    attention's ``aux_losses`` into the training loss and logs each term separately. The dict is
+    replaced at every forward, so it always belongs to the latest batch.
+    """
+
+    registry_name: str = "?"
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class QKVAttention(AttentionBase):
+    """Attention computed from per-head queries, keys and values.
+
+    ``forward`` projects ``x`` to ``q, k, v: [B, H, N, Dh]``, calls ``attend(q, k, v, mask)`` (the method's
+    own part, returning ``[B, H, N, Dh]``), merges the heads and applies ``out_proj``. Padded positions
+    of ``v`` are zeroed before ``attend`` so no method can mix them into real outputs by accident;
+    each method is still responsible for keeping padded keys out of its normalisations.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__(dim, num_heads)
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, N, D] -> [B, H, N, Dh]``."""
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, H, N, Dh] -> [B, N, D]``."""
+        b, h, n, dh = t.shape
+        return t.transpose(1, 2).reshape(b, n, h * dh)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.split_heads(self.q_proj(x))
+        k = self.split_heads(self.k_proj(x))
+        v = self.split_heads(self.v_proj(x) * mask[..., None].to(x.dtype))
+        out = self.attend(q, k, v, mask)
+        return self.out_proj(self.merge_heads(out))
+
+    def attend(self, q, k, v, mask):  # pragma: no cover
+        raise NotImplementedError

@@ -1,0 +1,77 @@
+"""Specifications every registered attention must meet (parametrised over ``available()``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lra.attention as attention
+
+DIM, HEADS = 32, 2
+
+
+def _build(name: str, seed: int = 0, **options):
+    torch.manual_seed(seed)
+    return attention.build(name, dim=DIM, num_heads=HEADS, **options).eval()
+
+
+def _batch(b=2, n=64, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, DIM, generator=g, dtype=dtype)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[0, n - n // 4 :] = False  # first sequence padded at the end
+    return x, mask
+
+
+@pytest.mark.parametrize("name", attention.available())
+def test_padding_does_not_leak(name):
+    """Changing what sits at padded positions leaves every real position's output unchanged."""
+    attn = _build(name)
+    x, mask = _batch()
+    other = x.clone()
+    other[~mask] = 100.0 * torch.randn_like(other[~mask])
+    with torch.no_grad():
+        a, b = attn(x, mask), attn(other, mask)
+    torch.testing.assert_close(a[mask], b[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", attention.available())
+def test_shape_batch_independence_and_eval_determinism(name):
+    attn = _build(name)
+    x, mask = _batch(b=3)
+    with torch.no_grad():
+        y = attn(x, mask)
+        again = attn(x, mask)
+        single = attn(x[1:2], mask[1:2])
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, again, rtol=0, atol=0)
+    torch.testing.assert_close(single[0], y[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", attention.available())
+def test_every_parameter_gets_a_gradient(name):
+    attn = _build(name).train()
+    x, mask = _batch()
+    out = attn(x, mask)
+    loss = out[mask].pow(2).mean() + sum(attn.aux_losses.values(), torch.zeros(()))
+    loss.backward()
+    missing = [n for n, p in attn.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, f"{name}: parameters without gradient: {missing}"
+
+
+def test_sdpa_matches_softmax_float32():
+    soft, fused = _build("softmax"), _build("sdpa", seed=5)
+    fused.load_state_dict(soft.state_dict())
+    x, mask = _batch(n=96)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, mask), soft(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(KeyError, match="Valid names: .*softmax"):
+        attention.build("no-such-attention", dim=DIM, num_heads=HEADS)
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(TypeError, match="unknown option.*'dropout'"):
+        attention.build("softmax", dim=DIM, num_heads=HEADS, drop_out=0.1)
