@@ -48,8 +48,12 @@ Exact limit: with one cluster holding every real token (``num_clusters=1``, ``cl
 ``P_q = 1`` and ``Y`` is softmax attention over the real tokens, so ``out`` equals ``softmax`` attention at
 every real position with the same projection weights.
 
-Cost: ``O(B H (N C + C κ²) Dh)`` time and ``O(B H (N C + C κ²))`` memory; with ``κ = ⌈N / C⌉`` this is
-``O(N κ)`` (the paper's ``O(αN)``), never an ``N x N`` matrix. Under ``topk`` overlapping clusters add into
+Cost: ``O(B H (N C + C κ²) Dh)`` time and ``O(B H (N C + C κ²))`` memory, never an ``N x N`` matrix. With
+the default ``κ = ⌈N / C⌉`` and ``C`` fixed (the surrogates are parameters) the ``C κ² = N² / C`` term is
+quadratic in ``N`` with a ``1 / C`` constant: doubling ``N`` costs up to 4x once that term dominates (measured
+on CPU: about 2.5-3x from 4K to 8K tokens at ``C = 32``). A fixed ``cluster_size`` makes the cost linear
+(the paper's ``O(αN)`` with ``α`` set by the number and size of clusters), but then ``C κ`` may cover fewer
+tokens than ``N``; the others get the summaries only. Under ``topk`` overlapping clusters add into
 the same token through a scatter-add, whose summation order on GPU is fixed only under
 ``torch.use_deterministic_algorithms``.
 """

@@ -37,7 +37,9 @@ batch holds.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lra.attention import register
 from lra.attention.base import QKVAttention
@@ -76,6 +78,10 @@ def landmark_pinv(q_landmarks, k_landmarks, iterations, init_scaling, landmark_m
 
     ``q_landmarks, k_landmarks: [..., H, m, Dh]``; ``landmark_mask: [B, m]`` or None. Masked landmarks get
     zero rows and columns in K2 (see module doc). Returns ``[..., H, m, m]`` in float32 or float64.
+
+    With gradients the iteration is checkpointed: its ``~8 · iterations`` intermediate ``m x m`` matrices per
+    sample and head are recomputed in backward instead of being kept (a few ``m³`` matmuls against
+    megabytes of activations at ``m = 128``).
     """
     dtype = torch.promote_types(q_landmarks.dtype, torch.float32)
     with torch.autocast(q_landmarks.device.type, enabled=False):
@@ -83,7 +89,24 @@ def landmark_pinv(q_landmarks, k_landmarks, iterations, init_scaling, landmark_m
         k2 = masked_softmax(q_landmarks @ k_landmarks.to(dtype).transpose(-1, -2), landmark_mask)
         if landmark_mask is not None:
             k2 = k2 * landmark_mask[:, None, :, None]
+    if k2.requires_grad:
+        return checkpoint(iterative_pinv, k2, iterations, init_scaling, use_reentrant=False)
     return iterative_pinv(k2, iterations, init_scaling)
+
+
+def softmax_attend(queries, keys, values, key_mask):
+    """``S(queries · keysᵀ) · values`` -> ``[B, H, R, Dv]`` through one fused SDPA call.
+
+    ``queries: [B or 1, H, R, Dh]`` or ``[H, R, Dh]`` (broadcast over the batch), ``keys: [B or 1, H, C, Dh]``,
+    ``values: [B, H, C, Dv]``, ``key_mask: [B, C]`` (True = attend) or None. ``S`` is the softmax over the real
+    keys with scale ``1/√Dh``. The fused kernel recomputes the ``R x C`` weights in backward instead of keeping
+    them, so a Nyström factor costs no ``N x m`` probability matrix for the backward pass.
+    """
+    batch, heads = values.shape[0], values.shape[1]
+    queries = queries.expand(batch, heads, *queries.shape[-2:])
+    keys = keys.expand(batch, heads, *keys.shape[-2:])
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
 
 
 def nystrom_product(q, k, v, q_landmarks, k_landmarks, z, key_mask, landmark_mask=None):
@@ -92,13 +115,13 @@ def nystrom_product(q, k, v, q_landmarks, k_landmarks, z, key_mask, landmark_mas
     ``q, k, v: [B, H, N, Dh]``; landmarks ``[B or 1, H, m, Dh]`` or ``[H, m, Dh]``; ``z: [B or 1, H, m, m]``;
     ``key_mask: [B, N]``; ``landmark_mask: [B, m]`` or None.
 
-    ``Z`` is applied in its own (float32/64) precision, the ``N``-long products in the input's.
+    ``K3 · V`` and ``K1 · W`` are two fused softmax-attention calls (``softmax_attend``): ``K3 · V`` is the
+    landmark queries attending over the real keys, ``K1 · W`` the tokens attending over the (real) landmark keys
+    with values ``W = Z · (K3 · V)``. ``Z`` is applied in its own (float32/64) precision, the ``N``-long
+    products in the input's.
     """
-    scale = q.shape[-1] ** -0.5
-    k1 = masked_softmax(q @ (k_landmarks * scale).transpose(-1, -2), landmark_mask)  # [B, H, N, m]
-    k3 = masked_softmax((q_landmarks * scale) @ k.transpose(-1, -2), key_mask)  # [B, H, m, N]
-    summary = z @ (k3 @ v).to(z.dtype)  # [B, H, m, Dh]
-    return k1 @ summary.to(v.dtype)
+    summary = z @ softmax_attend(q_landmarks, k, v, key_mask).to(z.dtype)  # [B, H, m, Dh]
+    return softmax_attend(q, k_landmarks, summary.to(v.dtype), landmark_mask)
 
 
 def depthwise_conv(num_heads: int, kernel: int | None) -> nn.Conv2d | None:

@@ -59,8 +59,8 @@ from lra.attention.nystromformer import (
     check_choice,
     depthwise_conv,
     landmark_pinv,
-    masked_softmax,
     nystrom_product,
+    softmax_attend,
 )
 
 
@@ -69,8 +69,7 @@ def inject(proxies: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, strength:
 
     ``proxies: [H, m, Dh]``, ``x: [B, H, N, Dh]``, ``mask: [B, N]``.
     """
-    read = masked_softmax((proxies * x.shape[-1] ** -0.5) @ x.transpose(-1, -2), mask) @ x
-    return proxies + strength * read
+    return proxies + strength * softmax_attend(proxies, x, x, mask)
 
 
 def info_nce(anchors: torch.Tensor, proxies: torch.Tensor, temperature: float) -> torch.Tensor:
