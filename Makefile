@@ -2,6 +2,8 @@
 #   make demo                      train + test a real model on generated ListOps in minutes (CPU)
 #   make test                      the default test suite (slow tests excluded)
 #   make reproduce TASK=listops MODEL=proxyformer [PROTOCOL=nystrom] [SEED=0] [ARGS="..."]
+#   make sweep TASKS=listops,text MODELS=transformer,proxyformer SEEDS=0,1,2 [PROTOCOL=..] [ARGS="..."]
+#                                  one run per cell (Hydra multirun); re-running resumes; failures recorded
 #   make tables                    results/accuracy.{md,csv} from the run records
 #   make bench [PROFILE=quick|full|scaling] [ARGS="..."]  speed/memory grid -> results/efficiency.{md,csv}, plots
 #   make fidelity [ARGS="--lengths 1024 2048"]   results/fidelity.{md,csv}: each approximation vs exact softmax
@@ -15,19 +17,22 @@ TASK ?= listops
 MODEL ?= proxyformer
 PROTOCOL ?= nystrom
 SEED ?= 0
+TASKS ?= $(TASK)
+MODELS ?= $(MODEL)
+SEEDS ?= $(SEED)
 PROFILE ?= quick
 ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint reproduce tables bench fidelity data data-status data-listops clean-venv
+.PHONY: install demo test test-slow lint reproduce sweep tables bench fidelity data data-status data-listops clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,plots]"
+	$(BIN)/pip install -q -e ".[dev,plots,sweep,slurm]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,6 +51,9 @@ lint: $(STAMP)
 
 reproduce: $(STAMP)
 	$(BIN)/python -m lra.train task=$(TASK) model=$(MODEL) protocol=$(PROTOCOL) seed=$(SEED) $(ARGS)
+
+sweep: $(STAMP)
+	$(BIN)/python -m lra.sweep --tasks $(TASKS) --models $(MODELS) --seeds $(SEEDS) --protocol $(PROTOCOL) $(ARGS)
 
 tables: $(STAMP)
 	$(BIN)/python -m lra.results

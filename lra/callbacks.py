@@ -1,4 +1,4 @@
-"""Training callbacks: a step progress bar with ETA, and throughput / peak-memory measurement."""
+"""Training callbacks: per-step seeding, a step progress bar with ETA, and throughput / peak-memory measurement."""
 
 from __future__ import annotations
 
@@ -7,8 +7,25 @@ import sys
 import time
 
 import lightning as L
+import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+
+class StepSeed(L.Callback):
+    """Seeds torch's generators before every training step from ``(seed, global rank, step)``.
+
+    The randomness of a step (dropout masks, Proxyformer's landmark dropout, ...) is then a function of the step
+    alone, not of everything drawn before it, so a run resumed from a checkpoint draws exactly what the
+    uninterrupted run drew (with ``StepSampler`` giving it the same batches). Processes draw different masks.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        state = np.random.SeedSequence([self.seed, trainer.global_rank, trainer.global_step]).generate_state(2)
+        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class StepProgressBar(L.Callback):

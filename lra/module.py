@@ -1,7 +1,9 @@
 """The LightningModule: cross-entropy plus the attentions' auxiliary losses, accuracy, optimizer and schedule.
 
 Logged: ``train/loss`` (total), ``train/ce``, ``train/aux/<layer>/<name>`` (each auxiliary term),
-``train/acc``, ``train/lr``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
+``train/acc``, ``train/lr``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``. Validation and test figures
+are exact over the whole split: correct predictions, rows and summed losses are added over every batch and every
+process before dividing. A NaN or Inf training loss raises ``NonFiniteLoss`` on every process at that step.
 
 Schedules (``optim.schedule``):
 
@@ -44,6 +46,14 @@ def lr_lambda(schedule: str, warmup: int, cycle: int | None = None):
     raise ValueError(f"optim.schedule must be onecycle_linear, rsqrt, cosine or constant, got {schedule!r}")
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or Inf: the run stops here instead of training on garbage."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite training loss ({value}) at step {step}")
+        self.step, self.value = step, value
+
+
 class LRAModule(L.LightningModule):
     def __init__(self, model: LRAModel, optim: dict, max_steps: int):
         super().__init__()
@@ -52,31 +62,64 @@ class LRAModule(L.LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch)
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+    def training_step(self, batch, batch_idx):
         logits = self(batch)
         ce = F.cross_entropy(logits.float(), batch["label"])
-        acc = (logits.argmax(-1) == batch["label"]).float().mean()
         n = batch["label"].shape[0]
-        self.log(f"{stage}/acc", acc, batch_size=n, prog_bar=stage != "train", on_epoch=stage != "train")
-        if stage != "train":
-            self.log(f"{stage}/loss", ce, batch_size=n, on_epoch=True)
-            return ce
         aux = self.model.aux_losses()
         loss = ce + sum(aux.values(), torch.zeros((), device=ce.device))
+        self.check_finite(loss)
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value, batch_size=n)
-        self.log_dict({"train/loss": loss, "train/ce": ce}, batch_size=n, prog_bar=True)
+        acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        self.log_dict({"train/loss": loss, "train/ce": ce, "train/acc": acc}, batch_size=n, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run (every process at once) at the first NaN/Inf loss: ``NonFiniteLoss`` names the step."""
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLoss(self.global_step, float(loss.detach()))
+
+    # Evaluation sums exact counts over the processes' shards: accuracy = correct / rows of the whole split.
+    def _eval_start(self):
+        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, rows, loss sum
+
+    def _eval_step(self, batch):
+        logits = self(batch)
+        ce = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
+        correct = (logits.argmax(-1) == batch["label"]).sum()
+        self._eval_sums += torch.stack([correct.double(), torch.tensor(len(logits), device=self.device).double(),
+                                        ce.double()])
+
+    def _eval_end(self, stage: str):
+        sums = self._eval_sums
+        if self._trainer is not None:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        rows = sums[1].clamp_min(1)
+        self.log(f"{stage}/acc", (sums[0] / rows).float(), prog_bar=True)
+        self.log(f"{stage}/loss", (sums[2] / rows).float())
+
+    def on_validation_epoch_start(self):
+        self._eval_start()
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_end("val")
+
+    def on_test_epoch_start(self):
+        self._eval_start()
 
     def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: every parameter decays with ``optim.weight_decay`` except those a submodule lists in

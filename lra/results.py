@@ -7,13 +7,19 @@ exclusive mode: a record is never overwritten. ``lra-tables`` (``make tables``) 
 * measured cells: test accuracy (%) of the best-validation checkpoint, mean ± sample std over seeds,
   with the number of runs; a task trained on generated rather than official data is its own column,
   marked ``[generated]``;
-* published cells: the figure and a numbered source, in their own columns; the two never share a cell.
+* published cells: the figure and a numbered source, in their own columns; the two never share a cell;
+* failed runs (``status: failed`` records: out of memory, non-finite loss, bad config, ...) are counted in their
+  cell, and a cell with no finished run shows ``failed`` with the reason instead of staying empty.
+
+A record's ``cell`` is ``cell_key`` of its config: runs with the same key are the same experiment, which is how
+a re-run sweep (``resume=true``) recognises and skips the cells it has already finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -47,12 +53,31 @@ def device_name(device) -> str:
     return f"cpu: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+VOLATILE_KEYS = ("paths", "ckpt_path", "record", "resume", "logger")  # where and how a run is kept, not what it is
+
+
+def cell_key(config: dict) -> str:
+    """A short hash of the resolved run config without ``VOLATILE_KEYS``: equal keys = the same experiment."""
+    kept = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "hydra"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def finished_record(results_dir: str | Path, protocol: str, task: str, model: str, cell: str) -> dict | None:
+    """The first ``ok`` record of ``cell`` (see ``cell_key``), or None."""
+    for path in sorted((Path(results_dir) / "runs" / protocol / task / model).glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("cell") == cell and record.get("status", "ok") == "ok":
+            return {**record, "_path": str(path)}
+    return None
+
+
 def write_record(results_dir: str | Path, record: dict) -> Path:
     """Write ``record`` to a new file under ``results_dir/runs``; never replaces an existing file."""
     folder = Path(results_dir) / "runs" / record["protocol"] / record["task"] / record["model"]
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.get("finished", time.time())))
-    path = folder / f"seed{record['seed']}_{stamp}_{secrets.token_hex(3)}.json"
+    failed = "_failed" if record.get("status") == "failed" else ""
+    path = folder / f"seed{record['seed']}_{stamp}_{secrets.token_hex(3)}{failed}.json"
     with open(path, "x") as f:
         json.dump(record, f, indent=1, default=str)
     return path
@@ -72,22 +97,36 @@ def task_label(record: dict) -> str:
 
 
 def measured_cells(records: list[dict]) -> dict[tuple, dict]:
-    """``(protocol, model, task_label) -> {mean, std, n, seeds}`` of test accuracy in percent."""
-    groups = defaultdict(list)
+    """``(protocol, model, task_label) -> {mean, std, n, seeds, records, failed, reasons}``: test accuracy in percent
+    over the ``ok`` runs (``mean`` None when every run failed), and the failed runs' count and reasons."""
+    groups = defaultdict(lambda: {"ok": [], "failed": []})
     for r in records:
         if r.get("status", "ok") == "ok" and r.get("test_acc") is not None:
-            groups[(r["protocol"], r["model"], task_label(r))].append(r)
+            groups[(r["protocol"], r["model"], task_label(r))]["ok"].append(r)
+        elif r.get("status") == "failed":
+            groups[(r["protocol"], r["model"], task_label(r))]["failed"].append(r)
     cells = {}
     for key, runs in groups.items():
-        accs = [100 * r["test_acc"] for r in runs]
+        accs = [100 * r["test_acc"] for r in runs["ok"]]
         cells[key] = {
-            "mean": statistics.fmean(accs),
+            "mean": statistics.fmean(accs) if accs else None,
             "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "n": len(accs),
-            "seeds": sorted(r["seed"] for r in runs),
-            "records": [r["_path"] for r in runs],
+            "seeds": sorted(r["seed"] for r in runs["ok"]),
+            "records": [r["_path"] for r in runs["ok"] + runs["failed"]],
+            "failed": len(runs["failed"]),
+            "reasons": sorted({r.get("reason", "unknown") for r in runs["failed"]}),
         }
     return cells
+
+
+def cell_text(c: dict) -> str:
+    """``71.20 ± 0.40 (n=3)``, ``… (n=2; 1 failed)`` or ``failed: <reason> (1 run)``."""
+    if c["mean"] is None:
+        runs = "run" if c["failed"] == 1 else "runs"
+        return f"failed: {'; '.join(c['reasons'])} ({c['failed']} {runs})"
+    failed = f"; {c['failed']} failed: {'; '.join(c['reasons'])}" if c["failed"] else ""
+    return f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['n']}{failed})"
 
 
 def load_published(path: str | Path) -> list[dict]:
@@ -122,7 +161,8 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None) -> 
         "Test accuracy (%) of the best-validation checkpoint. **Measured** cells come from this suite's run",
         "records (`results/runs/`, each with its config, seed, git commit and device): mean ± std over seeds,",
         "n = number of runs. **Published** cells are figures from papers, with the source numbered below.",
-        "A measured and a published figure never share a cell. Regenerate with `make tables`.",
+        "A measured and a published figure never share a cell; `failed` cells name why their runs failed",
+        "(their failure records are under `results/runs/`). Regenerate with `make tables`.",
         "",
     ]
     for protocol in sorted({k[0] for k in cells} | {k[0] for k in pub}):
@@ -139,7 +179,7 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None) -> 
             row = [m]
             for t in tasks:
                 c = cells.get((protocol, m, t))
-                row.append(f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['n']})" if c else "–")
+                row.append(cell_text(c) if c else "–")
                 if not t.endswith("[generated]"):
                     p = pub.get((protocol, m, t))
                     row.append(f"{p['accuracy']} [{sources.index(p['source']) + 1}]" if p else "–")
@@ -155,12 +195,16 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None) -> 
     out = results_dir / "accuracy.csv"
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["kind", "protocol", "model", "task", "accuracy_mean", "accuracy_std", "n", "seeds", "source"])
+        w.writerow(["kind", "protocol", "model", "task", "accuracy_mean", "accuracy_std", "n", "seeds", "failed",
+                    "failure_reasons", "source"])
         for (protocol, m, t), c in sorted(cells.items()):
-            w.writerow(["measured", protocol, m, t, f"{c['mean']:.4f}", f"{c['std']:.4f}", c["n"],
-                        " ".join(map(str, c["seeds"])), "; ".join(c["records"])])
+            kind, mean = ("measured", f"{c['mean']:.4f}") if c["mean"] is not None else ("failed", "")
+            w.writerow([kind, protocol, m, t, mean, f"{c['std']:.4f}" if mean else "", c["n"],
+                        " ".join(map(str, c["seeds"])), c["failed"], "; ".join(c["reasons"]),
+                        "; ".join(c["records"])])
         for r in published:
-            w.writerow(["published", r["protocol"], r["model"], r["task"], r["accuracy"], "", "", "", r["source"]])
+            w.writerow(["published", r["protocol"], r["model"], r["task"], r["accuracy"], "", "", "", "", "",
+                        r["source"]])
     return md, out
 
 

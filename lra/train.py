@@ -10,8 +10,12 @@ protocol's numbers for the task), ``trainer/``, ``logger/``, ``paths/``).
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
 import time
+import traceback
 from importlib import metadata
 from pathlib import Path
 
@@ -19,14 +23,16 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lra.callbacks import StepProgressBar, Throughput
+from lra.callbacks import StepProgressBar, StepSeed, Throughput
 from lra.data import DataError
 from lra.models import build_model
-from lra.module import LRAModule
-from lra.results import device_name, git_state, write_record
+from lra.module import LRAModule, NonFiniteLoss
+from lra.results import cell_key, device_name, finished_record, git_state, write_record
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "numpy", "datasets", "lra")
@@ -61,19 +67,123 @@ def _precision(cfg: DictConfig, accelerator: str) -> str:
     return precision
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train, test and record one run; returns the record (also written unless ``record=false``)."""
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _cell_dir(cfg: DictConfig, cell: str) -> Path:
+    """Where a ``resume=true`` run keeps its checkpoints: one folder per experiment, found again by a re-run."""
+    name = f"{cfg.task.name}_{cfg.protocol.name}_{cfg.model.name}_seed{cfg.seed}_{cell}"
+    return Path(cfg.paths.log_dir) / "cells" / name
+
+
+def _check_launch(trainer_cfg: dict) -> None:
+    """DDP inside a multirun needs a launcher that starts every process itself (SLURM, torchrun)."""
+    devices = trainer_cfg.get("devices", 1)
+    many = devices in ("auto", -1) or (isinstance(devices, int) and devices > 1) or trainer_cfg.get("num_nodes", 1) > 1
+    external = "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if _multirun() and many and str(trainer_cfg.get("strategy", "auto")).startswith("ddp") and not external:
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path} does not exist. Give the path of a Lightning checkpoint written by a "
+            "trainer=ddp in a Hydra multirun (-m) with the basic launcher would make Lightning re-run the whole "
+            "sweep in every extra process. Run the cells one by one (no -m), or sweep with a launcher that starts "
+            "one process per device itself: hydra/launcher=slurm with tasks_per_node = trainer.devices."
+        )
+
+
+def _failure_reason(err: BaseException) -> str:
+    if isinstance(err, NonFiniteLoss):
+        return f"non-finite loss at step {err.step}"
+    if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) or "out of memory" in str(err):
+        return "out of memory"
+    if isinstance(err, ConfigError):
+        return "bad config"
+    if isinstance(err, DataError):
+        return "data error"
+    return f"error: {type(err).__name__}"
+
+
+def _write_outcome(out_dir: Path, outcome: dict) -> None:
+    """``<job dir>/outcome.json``: what this job did (ok | skipped | failed), read by the sweep summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "outcome.json").write_text(json.dumps(outcome, indent=1, default=str))
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train, test and record one run; returns the record.
+
+    The record is written under ``paths.results_dir`` (``record=false``: not written; ``fast_dev_run``: never),
+    by the global rank zero only. A run that fails writes a failure record (``status: failed`` with the reason,
+    the step reached and the last checkpoint) and re-raises. With ``resume=true`` a run whose experiment
+    (``cell_key``) already has a finished record is skipped (that record is returned), and an unfinished one
+    continues from its last checkpoint under ``<paths.log_dir>/cells/``.
+    """
+    started = time.time()
+    out_dir = _output_dir(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    cell = cell_key(config)
+    fast = bool(cfg.trainer.fast_dev_run)
+    ident = {"task": cfg.task.name, "model": cfg.model.name, "protocol": cfg.protocol.name, "seed": int(cfg.seed)}
+    if cfg.resume and not fast:
+        done = finished_record(cfg.paths.results_dir, cfg.protocol.name, cfg.task.name, cfg.model.name, cell)
+        if done is not None:
+            print(f"[lra] {cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}: finished before "
+                  f"(test accuracy {100 * done['test_acc']:.2f}%, {done['_path']}); skipped.")
+            if rank_zero_only.rank == 0:
+                _write_outcome(out_dir, {**ident, "status": "skipped", "cell": cell, "record": done["_path"],
+                                         "val_acc": done.get("val_acc"), "test_acc": done.get("test_acc")})
+            return done
+    ckpt_dir = _cell_dir(cfg, cell) if cfg.resume else out_dir / "checkpoints"
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and cfg.resume and (ckpt_dir / "last.ckpt").is_file():
+        ckpt_path = str(ckpt_dir / "last.ckpt")
+        print(f"[lra] continuing this experiment from {ckpt_path}")
+    state: dict = {}
+    try:
+        record = _fit_and_test(cfg, out_dir, ckpt_dir, ckpt_path, state, started)
+    except Exception as err:
+        trainer, last = state.get("trainer"), ckpt_dir / "last.ckpt"
+        rank_zero = trainer.is_global_zero if trainer is not None else rank_zero_only.rank == 0
+        failure = {
+            **ident, "status": "failed", "reason": _failure_reason(err),
+            "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-8),
+            "step": trainer.global_step if trainer is not None else None,
+            "last_checkpoint": str(last) if last.is_file() else None,
+            "resumed_from": ckpt_path, "cell": cell, "attention": cfg.model.attention,
+            "data": state["datamodule"].describe_source() if "datamodule" in state else {},
+            "wall_time_s": round(time.time() - started, 2), "output_dir": str(out_dir),
+            "device": device_name(trainer.strategy.root_device) if trainer is not None else None,
+            "git": git_state(REPO), "versions": _versions(), "config": config, "finished": time.time(),
+        }
+        if rank_zero and cfg.record and not fast:
+            err.failure_record = write_record(cfg.paths.results_dir, failure)
+            _write_outcome(out_dir, {**ident, "status": "failed", "cell": cell, "reason": failure["reason"],
+                                     "record": str(err.failure_record)})
+        raise
+    record["cell"] = cell
+    if fast:
+        print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
+    elif cfg.record and state["trainer"].is_global_zero:
+        path = write_record(cfg.paths.results_dir, record)
+        record["_path"] = str(path)
+        print(f"[lra] run record: {path}")
+        _write_outcome(out_dir, {**ident, "status": "ok", "cell": cell, "record": str(path),
+                                 "val_acc": record["val_acc"], "test_acc": record["test_acc"]})
+    return record
+
+
+def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict,
+                  started: float) -> dict:
+    """The run itself; ``state`` receives the datamodule and the trainer as they come to exist."""
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist. Give the path of a Lightning checkpoint written by a "
             f"previous run (its <output_dir>/checkpoints/last.ckpt), or drop ckpt_path to start from scratch."
         )
-    started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(bool(cfg.deterministic), warn_only=False)
-    out_dir = _output_dir(cfg)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    _check_launch(trainer_cfg)
 
-    datamodule = hydra.utils.instantiate(cfg.task.datamodule)
+    datamodule = state["datamodule"] = hydra.utils.instantiate(cfg.task.datamodule, seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup()
     try:
@@ -90,30 +200,31 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(err.args[0]) from None
     module = LRAModule(model, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps)
 
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     accelerator = trainer_cfg["accelerator"]
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     trainer_cfg.update(accelerator=accelerator, precision=_precision(cfg, accelerator))
     fast = bool(trainer_cfg.get("fast_dev_run"))
-    checkpoint = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
+    checkpoint = ModelCheckpoint(  # the best validation accuracy so far (tested at the end)
+        dirpath=ckpt_dir, monitor="val/acc", mode="max", save_top_k=1,
         filename="best-step{step}-val_acc{val/acc:.4f}", auto_insert_metric_name=False,
     )
+    # last.ckpt at every validation (Lightning's save_last follows only improvements): what a resumed run continues
+    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     throughput = Throughput()
     logger = hydra.utils.instantiate(cfg.logger) if cfg.logger else False
-    trainer = L.Trainer(
+    trainer = state["trainer"] = L.Trainer(
         **trainer_cfg,
         max_epochs=-1,
         check_val_every_n_epoch=None,
-        deterministic=bool(cfg.deterministic),
         default_root_dir=out_dir,
         logger=logger,
+        use_distributed_sampler=False,  # the datamodule shards its own loaders (resumable training order)
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[checkpoint, throughput, StepProgressBar()],
+        callbacks=[checkpoint, latest, throughput, StepSeed(cfg.seed), StepProgressBar()],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.time() - started
     best = None if fast else checkpoint.best_model_path or None
     tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
@@ -136,36 +247,48 @@ def run(cfg: DictConfig) -> dict:
         **throughput.summary(module.device),
         "parameters": sum(p.numel() for p in module.parameters()),
         "device": device_name(module.device),
+        "world_size": trainer.world_size,
         "precision": trainer_cfg["precision"],
-        "deterministic": bool(cfg.deterministic),
+        "deterministic": bool(cfg.trainer.deterministic),
         "data": {**datamodule.describe_source(), "cache": str(datamodule.cache_dir),
                  "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
         "checkpoint": best,
-        "resumed_from": cfg.ckpt_path,
+        "resumed_from": ckpt_path,
         "output_dir": str(out_dir),
         "git": git_state(REPO),
         "versions": _versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "finished": time.time(),
     }
-    print(f"[lra] {cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}: test accuracy "
-          f"{100 * record['test_acc']:.2f}% (majority-class rate of this test set: {100 * majority:.2f}%), "
-          f"best val {100 * (record['val_acc'] or 0):.2f}%, {record['steps']} steps in {record['wall_time_s']:.0f}s")
-    if fast:
-        print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
-    elif cfg.record:
-        path = write_record(cfg.paths.results_dir, record)
-        print(f"[lra] run record: {path}")
+    if trainer.is_global_zero:
+        print(f"[lra] {cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}: test accuracy "
+              f"{100 * record['test_acc']:.2f}% (majority-class rate of this test set: {100 * majority:.2f}%), "
+              f"best val {100 * (record['val_acc'] or 0):.2f}%, {record['steps']} steps in "
+              f"{record['wall_time_s']:.0f}s")
     return record
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "configs"), config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """One run; returns its best validation accuracy (the objective of ``hparams_search``), NaN if it failed.
+
+    A failed run has written its failure record. Alone, the process then exits with status 2 (a one-paragraph
+    message for known causes, the traceback for an unexpected error); in a multirun the sweep goes on.
+    """
     try:
-        run(cfg)
-    except (DataError, ConfigError) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
+        record = run(cfg)
+    except Exception as err:
+        known = isinstance(err, (DataError, ConfigError, NonFiniteLoss)) or _failure_reason(err) == "out of memory"
+        where = getattr(err, "failure_record", None)
+        if not known and not _multirun():
+            raise
+        if not known:
+            traceback.print_exc()
+        print(f"\nerror: {err}" + (f"\n[lra] failure record: {where}" if where else ""), file=sys.stderr)
+        if not _multirun():
+            sys.exit(2)
+        return math.nan
+    return math.nan if record.get("val_acc") is None else float(record["val_acc"])
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def accuracy_points(records: list[dict], results_dir: Path) -> dict[str, dict]:
     bench = {r["model"]: r for r in train if r["seq_len"] == length and r["batch_size"] == batch}
     accuracy = defaultdict(lambda: defaultdict(dict))
     for (protocol, model, task), cell in measured_cells(load_records(results_dir)).items():
-        if model in bench:
+        if model in bench and cell["mean"] is not None:  # failed-only cells have no accuracy
             accuracy[protocol][model][task] = cell["mean"]
     figures = {}
     for protocol, per_model in sorted(accuracy.items()):

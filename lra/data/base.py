@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 SPLITS = ("train", "val", "test")
 RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"  # LRA's data release
@@ -76,6 +76,35 @@ def _smallest_int_dtype(vocab_size: int):
     return np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 32768 else np.int32
 
 
+class StepSampler(Sampler[int]):
+    """The training order as a pure function of ``(seed, batch number)``, so that a resumed run reads exactly
+    the batches the uninterrupted run would have read.
+
+    Epoch ``e`` is the permutation ``default_rng([seed, e])`` of the ``size`` rows, cut into global batches of
+    ``batch_size * world`` rows (a last partial batch is dropped); process ``rank`` takes its ``batch_size``
+    slice of each global batch. Iteration starts at global batch ``start`` (the batches already trained on)
+    and never ends: training is measured in steps.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.per_epoch = size // (batch_size * world)
+        if self.per_epoch == 0:
+            raise DataError(f"the training split has {size} rows, fewer than one batch of {batch_size} x {world} "
+                            f"process(es): lower data.batch_size or use more training data")
+        self.size, self.batch_size, self.seed, self.start, self.rank = size, batch_size, seed, start, rank
+        self.world = world
+
+    def __iter__(self):
+        batch, epoch, order = self.start, None, None
+        while True:
+            if batch // self.per_epoch != epoch:
+                epoch = batch // self.per_epoch
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            first = (batch % self.per_epoch * self.world + self.rank) * self.batch_size
+            yield from order[first : first + self.batch_size].tolist()
+            batch += 1
+
+
 class LRADataModule(L.LightningDataModule):
     """Base of every task. Subclasses set ``name``, ``num_classes``, ``vocab_size``, ``dual``, ``pad_id`` and implement
     ``source_files``, ``missing_help``, ``cache_options`` and ``read_split``.
@@ -85,6 +114,10 @@ class LRADataModule(L.LightningDataModule):
         seq_len: length every batch is padded (or cut) to; inputs longer than ``max_len`` were
             already truncated when prepared.
         cache_dir: root of prepared caches.
+        seed: the training order's seed (see ``StepSampler``; the run's ``seed``).
+
+    Under a Lightning trainer the loaders shard themselves over its processes (the trainer must be built with
+    ``use_distributed_sampler=False``): training batches by ``StepSampler``, val/test rows ``rank::world``.
     """
 
     name = "?"
@@ -101,9 +134,11 @@ class LRADataModule(L.LightningDataModule):
         max_len: int,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.seed = seed
         self.seq_len, self.max_len, self.num_workers = seq_len, max_len, num_workers
         self.cache_root = Path(cache_dir)
         self.datasets: dict[str, ArrayDataset] = {}
@@ -185,22 +220,33 @@ class LRADataModule(L.LightningDataModule):
         labels = np.asarray(self.datasets[split].arrays["label"])
         return float(np.bincount(labels).max() / len(labels))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, split: str, sampler: Sampler, batch_size: int) -> DataLoader:
         return DataLoader(
             self.datasets[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
+            batch_size=batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=_identity,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """An endless, resumable stream: it starts after the batches the trainer has already trained on."""
+        trainer, (rank, world) = self.trainer, self._ranks()
+        start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        sampler = StepSampler(len(self.datasets["train"]), self.batch_size, self.seed, start, rank, world)
+        return self._loader("train", sampler, self.batch_size)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rank, world = self._ranks()
+        return self._loader(split, range(rank, len(self.datasets[split]), world), self.eval_batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")

@@ -370,12 +370,9 @@ def cmd_bench(args) -> dict:
     dm.setup()
     prepare_s = time.perf_counter() - started
     loader = dm.train_dataloader()
-    started, it = time.perf_counter(), iter(loader)
+    started, it = time.perf_counter(), iter(loader)  # an endless stream (StepSampler)
     for _ in range(args.batches):
-        batch = next(it, None)
-        if batch is None:  # a small training set: start another epoch
-            it = iter(loader)
-            batch = next(it)
+        batch = next(it)
     loader_bps = args.batches / (time.perf_counter() - started)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,98 @@
+"""Sweeps: ``make sweep`` (task x model x seed grids over Hydra multirun) and the end-of-sweep summary.
+
+    python -m lra.sweep --tasks listops,text --models transformer,proxyformer --seeds 0,1,2 --protocol nystrom
+    make sweep TASKS=listops,text MODELS=transformer,proxyformer SEEDS=0,1,2 [PROTOCOL=nystrom] [ARGS="..."]
+
+checks that every task and model names a config (a typo would otherwise stop Hydra half-way through the
+grid), then runs ``python -m lra.train -m task=... model=... seed=... protocol=... resume=true [ARGS]``:
+
+* one job per cell; ``resume=true`` skips a cell whose experiment already has a finished record and continues an
+  interrupted one from its last checkpoint, so re-running the same command resumes the sweep;
+* a job that fails (out of memory, NaN/Inf loss, bad config, missing data, ...) writes a failure record with the
+  reason and the sweep goes on; ``make tables`` shows the cell as failed;
+* ``SweepSummary`` (a Hydra callback in ``configs/train.yaml``) prints one line per job at the end, from the
+  ``outcome.json`` every job writes into its folder, and exits with status 1 if any job failed.
+
+Extra overrides in ``ARGS`` apply to every cell, including Hydra's own: ``hydra/launcher=slurm`` sends the cells
+to a SLURM cluster, ``hparams_search=<name>`` turns the sweep into an Optuna search (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class SweepSummary(Callback):
+    """Around a multirun. Before: creates the folder of an Optuna SQLite study (``hparams_search``). After: a
+    line per job (ok / skipped / failed with its reason), an Optuna search's best parameters; status 1 if any job
+    failed."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        storage = str(config.hydra.sweeper.get("storage") or "")
+        if storage.startswith("sqlite:///"):
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        outcomes = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("outcome.json"))]
+        best = sweep_dir / "optimization_results.yaml"
+        if best.is_file():
+            print(f"\n[lra] Optuna study {config.hydra.sweeper.study_name} ({config.hydra.sweeper.storage}), "
+                  f"best so far ({best}):\n{best.read_text()}")
+        if not outcomes:
+            return
+        counts: dict[str, int] = {}
+        print(f"\n[lra] sweep {sweep_dir}:")
+        for o in outcomes:
+            counts[o["status"]] = counts.get(o["status"], 0) + 1
+            cell = f"{o['task']}/{o['model']}/{o['protocol']} seed {o['seed']}"
+            if o["status"] == "failed":
+                detail = f"{o['reason']} ({o['record']})"
+            else:
+                detail = f"test {100 * o['test_acc']:.2f}%" if o.get("test_acc") is not None else ""
+            print(f"  {o['status']:8s} {cell}  {detail}")
+        print("[lra] " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+              + ". Tables: make tables")
+        if counts.get("failed"):
+            sys.exit(1)
+
+
+def _names(group: str, text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"error: unknown {group} name(s) {unknown or names}: configs/{group}/ has {known}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lra-sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", required=True, help="comma-separated configs/task names")
+    parser.add_argument("--models", required=True, help="comma-separated configs/model names")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--protocol", default="nystrom", help="configs/protocol name (default nystrom)")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every cell")
+    args = parser.parse_args(argv)
+    tasks, models = _names("task", args.tasks), _names("model", args.models)
+    _names("protocol", args.protocol)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}") from None
+    cmd = [sys.executable, "-m", "lra.train", "-m", f"task={','.join(tasks)}", f"model={','.join(models)}",
+           f"seed={','.join(map(str, seeds))}", f"protocol={args.protocol}", "resume=true", *args.overrides]
+    print("[lra] " + " ".join(cmd[1:]), flush=True)
+    os.execv(sys.executable, cmd)
+
+
+if __name__ == "__main__":
+    main()
