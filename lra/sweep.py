@@ -3,8 +3,9 @@
     python -m lra.sweep --tasks listops,text --models transformer,proxyformer --seeds 0,1,2 --protocol nystrom
     make sweep TASKS=listops,text MODELS=transformer,proxyformer SEEDS=0,1,2 [PROTOCOL=nystrom] [ARGS="..."]
 
-checks that every task and model names a config (a typo would otherwise stop Hydra half-way through the
-grid), then runs ``python -m lra.train -m task=... model=... seed=... protocol=... resume=true [ARGS]``:
+checks that every task and model names a config and that every cell composes with the given overrides (either
+mistake would otherwise stop Hydra half-way through the grid), then runs
+``python -m lra.train -m task=... model=... seed=... protocol=... resume=true [ARGS]``:
 
 * one job per cell; ``resume=true`` skips a cell whose experiment already has a finished record and continues an
   interrupted one from its last checkpoint, so re-running the same command resumes the sweep;
@@ -55,7 +56,7 @@ class SweepSummary(Callback):
             counts[o["status"]] = counts.get(o["status"], 0) + 1
             cell = f"{o['task']}/{o['model']}/{o['protocol']} seed {o['seed']}"
             if o["status"] == "failed":
-                detail = f"{o['reason']} ({o['record']})"
+                detail = o["reason"] + (f" ({o['record']})" if o.get("record") else "")
             else:
                 detail = f"test {100 * o['test_acc']:.2f}%" if o.get("test_acc") is not None else ""
             print(f"  {o['status']:8s} {cell}  {detail}")
@@ -74,6 +75,44 @@ def _names(group: str, text: str) -> list[str]:
     return names
 
 
+def _one_value(overrides: list[str]) -> list[str]:
+    """Each sweep override (``optim.lr=1e-3,1e-4``) cut to its first value, for composing one config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
+        if not parsed.is_sweep_override():
+            out.append(line)
+            continue
+        try:
+            first = next(iter(parsed.sweep_string_iterator()))
+        except Exception:  # an interval (a search space for a sweeper): nothing to compose
+            continue
+        out.append(f"{line.split('=', 1)[0]}={first}")
+    return out
+
+
+def _check_cells(tasks: list[str], models: list[str], protocol: str, overrides: list[str]) -> None:
+    """Compose every task x model config first: an override that does not apply to some model would otherwise stop
+    Hydra in the middle of the grid."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    fixed, bad = _one_value(overrides), []
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        for task in tasks:
+            for model in models:
+                try:
+                    compose("train", overrides=[f"task={task}", f"model={model}", f"protocol={protocol}", *fixed])
+                except Exception as err:
+                    bad.append(f"  task={task} model={model}: {str(err).splitlines()[0]}")
+    GlobalHydra.instance().clear()
+    if bad:
+        raise SystemExit("error: these cells do not compose, nothing was run:\n" + "\n".join(bad) + "\nFix the "
+                         "overrides, drop the cells, or add a key only some models have with '++key=value'.")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lra-sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", required=True, help="comma-separated configs/task names")
@@ -88,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}") from None
+    _check_cells(tasks, models, args.protocol, args.overrides)
     cmd = [sys.executable, "-m", "lra.train", "-m", f"task={','.join(tasks)}", f"model={','.join(models)}",
            f"seed={','.join(map(str, seeds))}", f"protocol={args.protocol}", "resume=true", *args.overrides]
     print("[lra] " + " ".join(cmd[1:]), flush=True)

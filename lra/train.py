@@ -154,19 +154,19 @@ def run(cfg: DictConfig) -> dict:
             "device": device_name(trainer.strategy.root_device) if trainer is not None else None,
             "git": git_state(REPO), "versions": _versions(), "config": config, "finished": time.time(),
         }
-        if rank_zero and cfg.record and not fast:
-            err.failure_record = write_record(cfg.paths.results_dir, failure)
+        if rank_zero and not fast:
+            path = err.failure_record = write_record(cfg.paths.results_dir, failure) if cfg.record else None
             _write_outcome(out_dir, {**ident, "status": "failed", "cell": cell, "reason": failure["reason"],
-                                     "record": str(err.failure_record)})
+                                     "record": path})
         raise
     record["cell"] = cell
     if fast:
         print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
-    elif cfg.record and state["trainer"].is_global_zero:
-        path = write_record(cfg.paths.results_dir, record)
-        record["_path"] = str(path)
-        print(f"[lra] run record: {path}")
-        _write_outcome(out_dir, {**ident, "status": "ok", "cell": cell, "record": str(path),
+    elif state["trainer"].is_global_zero:
+        path = record["_path"] = write_record(cfg.paths.results_dir, record) if cfg.record else None
+        if path:
+            print(f"[lra] run record: {path}")
+        _write_outcome(out_dir, {**ident, "status": "ok", "cell": cell, "record": path,
                                  "val_acc": record["val_acc"], "test_acc": record["test_acc"]})
     return record
 
@@ -196,8 +196,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
             num_classes=datamodule.num_classes,
             dual=datamodule.dual,
         )
-    except (KeyError, TypeError) as err:  # unknown attention name or option: the registry's message names the fix
-        raise ConfigError(err.args[0]) from None
+    except (KeyError, TypeError, ValueError) as err:  # unknown attention or option, or a bad option value
+        raise ConfigError(f"model={cfg.model.name}: {err.args[0]}") from None
     module = LRAModule(model, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps)
 
     accelerator = trainer_cfg["accelerator"]

@@ -57,3 +57,20 @@ def make_cfg(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+class Killed(RuntimeError):
+    """Stands for a run killed mid-way (in-process, so that the test can go on)."""
+
+
+def kill_at_step(monkeypatch, step: int) -> None:
+    """Make ``lra.train`` runs raise ``Killed`` when training reaches ``step`` (undo with ``monkeypatch.undo()``)."""
+    import lra.train
+
+    class KillAtStep(lra.train.StepProgressBar):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == step:
+                raise Killed
+            super().on_train_batch_start(trainer, *args)
+
+    monkeypatch.setattr(lra.train, "StepProgressBar", KillAtStep)

@@ -17,7 +17,7 @@ from lra.module import NonFiniteLoss
 from lra.results import load_records, render
 from lra.sweep import main as sweep_main
 from lra.train import ConfigError, run
-from tests.conftest import TINY
+from tests.conftest import TINY, Killed, kill_at_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,12 +115,15 @@ def test_make_sweep_checks_names_then_runs_one_multirun(monkeypatch):
                             "seed=0,1", "protocol=quick", "resume=true", "trainer.max_steps=10"]
     with pytest.raises(SystemExit, match=r"unknown model name\(s\) \['proxyfomer'\]: configs/model/ has"):
         sweep_main(["--tasks", "listops", "--models", "transformer,proxyfomer"])
+    with pytest.raises(SystemExit, match=r"do not compose, nothing was run:\n  task=listops model=transformer: .*"
+                                         r"num_proxies"):  # an option only proxyformer has
+        sweep_main(["--tasks", "listops", "--models", "proxyformer,transformer", "model.options.num_proxies=64"])
+    assert len(calls) == 1
+    sweep_main(["--tasks", "listops", "--models", "proxyformer,transformer", "++model.options.num_proxies=64",
+                "optim.lr=1e-3,1e-4"])  # forced key; a swept value composes with its first value
+    assert len(calls) == 2
     with pytest.raises(SystemExit, match="--seeds must be comma-separated integers"):
         sweep_main(["--tasks", "listops", "--models", "transformer", "--seeds", "0-3"])
-
-
-class Killed(RuntimeError):
-    pass
 
 
 def _weights(path: Path) -> dict:
@@ -138,13 +141,7 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(make_cfg,
     keys = ("val_acc", "test_acc", "test_loss", "steps")
     assert [straight[0][k] for k in keys] == [straight[1][k] for k in keys]
 
-    class KillAtStep12(lra.train.StepProgressBar):
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 12:
-                raise Killed
-            super().on_train_batch_start(trainer, *args)
-
-    monkeypatch.setattr(lra.train, "StepProgressBar", KillAtStep12)
+    kill_at_step(monkeypatch, 12)
     with pytest.raises(Killed):
         run(make_cfg(*TINY, *steps, "resume=true", run_dir="killed"))
     monkeypatch.undo()

@@ -13,7 +13,7 @@ import pytest
 
 from lra.results import load_records, render, write_record
 from lra.train import ConfigError, run
-from tests.conftest import TINY, option_names
+from tests.conftest import TINY, Killed, kill_at_step, option_names
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,21 +54,9 @@ def test_records_are_never_overwritten(tmp_path):
     assert first != second and len(load_records(tmp_path)) == 2
 
 
-class Killed(RuntimeError):
-    pass
-
-
 def test_resume_from_last_checkpoint(make_cfg, tmp_path, monkeypatch):
     """A run killed after step 6 (checkpointed at its step-6 validation) resumes from last.ckpt to step 9."""
-    import lra.train
-
-    class KillAtStep6(lra.train.StepProgressBar):
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 6:
-                raise Killed
-            super().on_train_batch_start(trainer, *args)
-
-    monkeypatch.setattr(lra.train, "StepProgressBar", KillAtStep6)
+    kill_at_step(monkeypatch, 6)
     with pytest.raises(Killed):
         run(make_cfg(*TINY, "trainer.max_steps=9", run_dir="first"))
     monkeypatch.undo()

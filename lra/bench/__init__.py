@@ -29,15 +29,15 @@ one more step:
 * CUDA: each timed step between two CUDA events (synchronised); memory is ``torch.cuda.max_memory_allocated``
   after ``reset_peak_memory_stats``, minus ``torch.cuda.memory_allocated`` before the step: bytes of live
   tensors, the caching allocator's reserve not counted.
-* CPU: wall time (``time.perf_counter``) of each timed step; memory is the process's peak resident set size
-  during the memory step minus its resident size before it. The peak is Linux's ``VmHWM``, reset to the
-  current resident size by writing ``5`` to ``/proc/self/clear_refs``: the real high-water mark, to the page,
-  with no hook on any allocation. So that the peak is the step's working set and not what the allocator
-  cached from the timed steps, glibc's malloc is first told to return freed memory at once (``malloc_trim``,
-  and ``mallopt``: blocks of 64 KB or more mapped on their own, heap trimmed above 128 KB free); the timed
-  steps ran with the allocator's default settings. The figure counts tensors and also the math libraries'
-  working memory; elsewhere than Linux it is not measured (``null``), and without glibc the allocator's cache
-  is included (the record's ``memory_method`` says which).
+* CPU: wall time (``time.perf_counter``) of each timed step; memory is the peak number of bytes held at once by
+  tensors created during the memory step, tracked at the dispatcher (``LivePeak``, a ``TorchDispatchMode`` that
+  sees every operation's outputs and counts each live storage once): the CPU counterpart of CUDA's allocator
+  statistics, exact and repeatable, independent of the allocator. It does not see scratch memory that a kernel
+  allocates and frees inside one operation. As a second opinion, one more step measures the process's peak
+  resident set size above its resident size before it (``rss_peak_mb``: Linux ``VmHWM`` reset by writing ``5`` to
+  ``/proc/self/clear_refs``, after telling glibc's malloc to return freed memory at once with ``malloc_trim`` and
+  ``mallopt``); it counts the math libraries' working memory too but varies by 10-20% between identical runs
+  (page and allocator effects), which is why the tables use the tensor figure.
 
 Figures are ``peak_mb`` (MB = 2^20 bytes) above the state held before the step (parameters, optimizer
 state, inputs). A point that runs out of memory (a CUDA/CPU allocation error, the kernel's OOM killer, or its

@@ -9,7 +9,8 @@
      "vocab_size": 32, "num_classes": 10}
 
 The result holds ``status`` (``ok`` | ``oom`` | ``error``), and for ``ok`` the step times (ms), their
-median/min/max/quartiles, steps/s, tokens/s and ``peak_mb`` with the ``memory_method`` that produced it.
+median/min/max/quartiles, steps/s, tokens/s and ``peak_mb`` with the ``memory_method`` that produced it (on CPU
+also ``rss_peak_mb``, the resident-memory figure of one more step, with its ``rss_method``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import lra.attention as attention
 from lra.models import build_model
@@ -90,23 +94,46 @@ class ResidentMemory:
         return (_proc_status_bytes("VmHWM") - self.base) / MB
 
 
-class NoMemory:
-    method = "unavailable: CPU memory needs Linux /proc/self/clear_refs"
+class LivePeak(TorchDispatchMode):
+    """Within the mode: ``peak`` = the most bytes held at once by tensors it produced (each storage counted once),
+    ``largest`` = the element count of the largest tensor any operation produced."""
 
-    def start(self) -> None:
-        pass
+    def __init__(self):
+        super().__init__()
+        self.refs, self.peak, self.largest = [], 0, 0
 
-    def peak_mb(self) -> None:
-        return None
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.refs.append(weakref.ref(t))
+                self.largest = max(self.largest, t.numel())
+        alive = [t for t in (ref() for ref in self.refs) if t is not None]
+        self.refs = [weakref.ref(t) for t in alive]
+        live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+        self.peak = max(self.peak, sum(live.values()))
+        return out
 
 
-def memory_probe(device: torch.device, release_cache: bool):
-    """CUDA allocator statistics, or the resident set size where Linux lets us reset its peak."""
-    if device.type == "cuda":
-        return CudaMemory(device)
+class TensorMemory:
+    """The CPU counterpart of ``CudaMemory``: the peak bytes of live tensors created during the step."""
+
+    method = "peak bytes of live tensors created during the step (torch dispatch tracking)"
+
+    def measure(self, step) -> float:
+        with LivePeak() as tracker:
+            step()
+        return tracker.peak / MB
+
+
+def resident_peak_mb(step, release_cache: bool) -> tuple[float | None, str]:
+    """The process's peak resident memory during ``step`` above its resident size before it (Linux only)."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
-        return NoMemory()
-    return ResidentMemory(release_cache)
+        return None, "unavailable: needs Linux /proc/self/clear_refs"
+    probe = ResidentMemory(release_cache)
+    probe.start()
+    step()
+    return probe.peak_mb(), probe.method
 
 
 class CudaTimer:
@@ -202,14 +229,21 @@ def measure(spec: dict, release_cache: bool = False) -> dict:
         step()
     timer = CudaTimer() if device.type == "cuda" else WallTimer()
     times = [timer.time_ms(step) for _ in range(spec["repeats"])]
-    memory = memory_probe(device, release_cache)
-    memory.start()
-    step()
+    if device.type == "cuda":
+        memory = CudaMemory(device)
+        memory.start()
+        step()
+        peak, method, resident = memory.peak_mb(), memory.method, {}
+    else:
+        peak, method = TensorMemory().measure(step), TensorMemory.method
+        rss, rss_method = resident_peak_mb(step, release_cache)
+        resident = {"rss_peak_mb": rss, "rss_method": rss_method}
     return {
         "status": "ok",
         **summarise(times, spec["batch_size"], spec["seq_len"]),
-        "peak_mb": memory.peak_mb(),
-        "memory_method": memory.method,
+        "peak_mb": peak,
+        "memory_method": method,
+        **resident,
         "threads": torch.get_num_threads(),
     }
 

@@ -25,7 +25,7 @@ from lra.results import load_records, measured_cells
 SECTION = ("mode", "precision", "batch_size")
 CSV_COLUMNS = ["profile", "device", "run_id", "mode", "precision", "batch_size", "compile", "model", "attention",
                "seq_len", "status", "median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "steps_per_s",
-               "tokens_per_s", "peak_mb", "speed_vs_softmax", "speed_vs_sdpa", "memory_vs_softmax",
+               "tokens_per_s", "peak_mb", "rss_peak_mb", "speed_vs_softmax", "speed_vs_sdpa", "memory_vs_softmax",
                "memory_vs_sdpa", "error", "record"]
 FIGURE_LENGTH = 4096  # LRA Figure 3 compares training speed at 4K tokens
 
@@ -192,7 +192,8 @@ def run_lines(records: list[dict]) -> list[str]:
         f"Encoder of protocol `{bench['protocol']}`: depth "
         f"{enc['depth']}, width {enc['dim']}, {enc['num_heads']} heads, MLP {enc['mlp_dim']}. "
         f"{bench['warmup']} warm-up and {bench['repeats']} timed steps per point, compile={bench['compile']}, "
-        f"per-point limits {bench['timeout_s']:g} s and {memory_limit}.",
+        f"per-point limits {bench['timeout_s']:g} s and {memory_limit}. Memory: "
+        f"{next((r['memory_method'] for r in records if r.get('memory_method')), 'not measured')}.",
         "",
     ]
     rows = with_ratios(records)
@@ -215,7 +216,8 @@ HEADER = [
     "Measured by `lra-bench` (`make bench`); generated from the records under `results/bench/`, one JSON",
     "file per point with device, versions, commit and configuration. Each point runs in a fresh process;",
     "times are medians of the timed steps; memory is the peak of one further step above what was held before",
-    "it (CUDA: `max_memory_allocated`; CPU: the process's peak resident memory, `VmHWM`, allocator cache off).",
+    "it, in bytes of live tensors (CUDA: `max_memory_allocated`; CPU: tensors tracked at the dispatcher; the",
+    "CPU records also hold the process's peak resident memory, `rss_peak_mb`, in the CSV).",
     "Ratios compare with softmax and sdpa measured in the same run (LRA Table 2: relative speed and memory).",
     "`attention` mode times the attention module alone (inference, batch 1 as in the Nyströmformer paper);",
     "`train` mode a full training step of the encoder (forward, backward, AdamW; as in the LRA paper).",
