@@ -91,9 +91,9 @@ class LRAModule(L.LightningModule):
     def _eval_step(self, batch):
         logits = self(batch)
         ce = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
-        correct = (logits.argmax(-1) == batch["label"]).sum()
-        self._eval_sums += torch.stack([correct.double(), torch.tensor(len(logits), device=self.device).double(),
-                                        ce.double()])
+        self._eval_sums[0] += (logits.argmax(-1) == batch["label"]).sum()
+        self._eval_sums[1] += len(logits)
+        self._eval_sums[2] += ce
 
     def _eval_end(self, stage: str):
         sums = self._eval_sums

@@ -34,12 +34,14 @@ TASK_ORDER = ["listops", "text", "retrieval", "image", "pathfinder", "pathx"]
 
 
 def git_state(where: Path) -> dict:
-    """Commit of the code that ran and whether the work tree had uncommitted changes."""
+    """Commit of the code that ran and whether the work tree had uncommitted changes, outside ``results/`` (what the
+    suite itself writes: a benchmark run after another in the same checkout would otherwise count as dirty)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True).stdout
 
     try:
-        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
+        changes = git("status", "--porcelain", "--", ".", ":(exclude)results")
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changes.strip())}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown (not a git checkout)", "dirty": None}
 
