@@ -102,6 +102,14 @@ def _failure_reason(err: BaseException) -> str:
     return f"error: {type(err).__name__}"
 
 
+HINTS = {  # what to try, by failure reason
+    "non-finite loss": ". Lower optim.lr, raise optim.warmup_steps or set trainer.gradient_clip_val; the failure "
+                       "record names the last good checkpoint.",
+    "out of memory": ". Lower data.batch_size (add +trainer.accumulate_grad_batches=k to keep the batch), use "
+                     "bf16-mixed on a GPU, or a more memory-lean attention.",
+}
+
+
 def _write_outcome(out_dir: Path, outcome: dict) -> None:
     """``<job dir>/outcome.json``: what this job did (ok | skipped | failed), read by the sweep summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,8 +280,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
 def main(cfg: DictConfig) -> float:
     """One run; returns its best validation accuracy (the objective of ``hparams_search``), NaN if it failed.
 
-    A failed run has written its failure record. Alone, the process then exits with status 2 (a one-paragraph
-    message for known causes, the traceback for an unexpected error); in a multirun the sweep goes on.
+    A failed run has written its failure record. Alone, the process then exits with status 2 and a one-paragraph
+    message for known causes (an unexpected error keeps its traceback); in a multirun the sweep goes on.
     """
     try:
         record = run(cfg)
@@ -284,7 +292,8 @@ def main(cfg: DictConfig) -> float:
             raise
         if not known:
             traceback.print_exc()
-        print(f"\nerror: {err}" + (f"\n[lra] failure record: {where}" if where else ""), file=sys.stderr)
+        hint = HINTS.get(_failure_reason(err).split(" at ")[0], "")
+        print(f"\nerror: {err}{hint}" + (f"\n[lra] failure record: {where}" if where else ""), file=sys.stderr)
         if not _multirun():
             sys.exit(2)
         return math.nan
