@@ -4,9 +4,10 @@ Records live in ``results/runs/<protocol>/<task>/<model>/seed<k>_<time>_<id>.jso
 exclusive mode: a record is never overwritten. ``lra-tables`` (``make tables``) reads every record and
 ``results/published.csv`` and writes ``results/accuracy.md`` and ``results/accuracy.csv``:
 
-* measured cells: test accuracy (%) of the best-validation checkpoint, mean ± sample std over seeds,
-  with the number of runs; a task trained on generated rather than official data is its own column,
-  marked ``[generated]``;
+* measured cells: test accuracy (%) of the best-validation checkpoint, mean ± sample std over the seeds of one
+  experiment (runs whose configs differ in anything but the seed get rows of their own, labelled by the settings
+  that differ), with the number of runs; a task trained on generated rather than official data is its own
+  column, marked ``[generated]``;
 * published cells: the figure and a numbered source, in their own columns; the two never share a cell;
 * failed runs (``status: failed`` records: out of memory, non-finite loss, bad config, ...) are counted in their
   cell, and a cell with no finished run shows ``failed`` with the reason instead of staying empty.
@@ -55,13 +56,31 @@ def device_name(device) -> str:
     return f"cpu: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-VOLATILE_KEYS = ("paths", "ckpt_path", "record", "resume", "logger")  # where and how a run is kept, not what it is
+VOLATILE_KEYS = ("paths", "ckpt_path", "record", "resume", "logger", "hydra")  # how a run is kept, not what it is
+PATH_LEAVES = ("data_dir", "cache_dir", "lra_release", "num_workers")  # where data is read from, and how fast
+RENAMED = {"deterministic": "trainer.deterministic"}  # settings that moved since older records were written
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def experiment(config: dict | None) -> dict:
+    """What a run *was*: the leaves of its resolved config (``{"optim.lr": 1e-4, ...}``) without ``VOLATILE_KEYS``
+    and paths (``PATH_LEAVES``), older setting names mapped to today's (``RENAMED``)."""
+    kept = {k: v for k, v in (config or {}).items() if k not in VOLATILE_KEYS}
+    leaves = {RENAMED.get(k, k): v for k, v in _leaves(kept).items()}
+    return {k: v for k, v in leaves.items() if k.rsplit(".", 1)[-1] not in PATH_LEAVES}
 
 
 def cell_key(config: dict) -> str:
-    """A short hash of the resolved run config without ``VOLATILE_KEYS``: equal keys = the same experiment."""
-    kept = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "hydra"}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A short hash of ``experiment(config)``: equal keys = the same experiment (seed included)."""
+    return hashlib.sha256(json.dumps(experiment(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def finished_record(results_dir: str | Path, protocol: str, task: str, model: str, cell: str) -> dict | None:
@@ -98,15 +117,38 @@ def task_label(record: dict) -> str:
     return record["task"] + (" [generated]" if record.get("data", {}).get("source") == "generated" else "")
 
 
+def variant_labels(records: list[dict]) -> dict[str, str]:
+    """Row label of each record: its model name, or, where one (protocol, model, task) holds runs of different
+    configs, the model name with the settings that tell them apart (e.g. ``proxyformer (trainer.max_steps=300)``),
+    so that runs of different experiments are never averaged into one cell."""
+    by_cell = defaultdict(list)
+    for r in records:
+        by_cell[(r["protocol"], r["model"], task_label(r))].append(r)
+    labels = {}
+    for (_, model, _), runs in by_cell.items():
+        experiments = {id(r): {k: v for k, v in experiment(r.get("config")).items() if k != "seed"} for r in runs}
+        keys = set().union(*experiments.values())
+        differing = sorted(k for k in keys if len({json.dumps(e.get(k, "unset"), default=str)
+                                                   for e in experiments.values()}) > 1)
+        for r in runs:
+            shown = [f"{k}={experiments[id(r)].get(k, 'unset')}" for k in differing[:3]]
+            more = ", …" if len(differing) > 3 else ""
+            labels[r["_path"]] = f"{model} ({', '.join(shown)}{more})" if differing else model
+    return labels
+
+
 def measured_cells(records: list[dict]) -> dict[tuple, dict]:
-    """``(protocol, model, task_label) -> {mean, std, n, seeds, records, failed, reasons}``: test accuracy in percent
-    over the ``ok`` runs (``mean`` None when every run failed), and the failed runs' count and reasons."""
+    """``(protocol, row label, task_label) -> {mean, std, n, seeds, records, failed, reasons}``: test accuracy in
+    percent over the ``ok`` runs (``mean`` None when every run failed), and the failed runs' count and reasons. The
+    row label is the model, split by config where runs differ (``variant_labels``)."""
+    labels = variant_labels(records)
     groups = defaultdict(lambda: {"ok": [], "failed": []})
     for r in records:
+        key = (r["protocol"], labels[r["_path"]], task_label(r))
         if r.get("status", "ok") == "ok" and r.get("test_acc") is not None:
-            groups[(r["protocol"], r["model"], task_label(r))]["ok"].append(r)
+            groups[key]["ok"].append(r)
         elif r.get("status") == "failed":
-            groups[(r["protocol"], r["model"], task_label(r))]["failed"].append(r)
+            groups[key]["failed"].append(r)
     cells = {}
     for key, runs in groups.items():
         accs = [100 * r["test_acc"] for r in runs["ok"]]

@@ -14,7 +14,7 @@ import torch
 
 import lra.train
 from lra.module import NonFiniteLoss
-from lra.results import load_records, render
+from lra.results import cell_key, load_records, render, write_record
 from lra.sweep import main as sweep_main
 from lra.train import ConfigError, run
 from tests.conftest import TINY, Killed, kill_at_step
@@ -220,3 +220,24 @@ def test_ddp_inside_a_basic_multirun_is_refused_with_the_way_out(monkeypatch):
     lra.train._check_launch({"strategy": "auto", "devices": 1})  # one process: fine
     monkeypatch.setenv("SLURM_NTASKS", "2")
     lra.train._check_launch({"strategy": "ddp", "devices": 2})  # SLURM started the processes
+
+
+def test_runs_of_different_configs_are_never_averaged_into_one_cell(tmp_path):
+    """Seeds of one experiment share a cell (whatever their data paths); another learning rate gets its own row,
+    labelled by the setting that differs."""
+    def record(seed, lr, data_dir, acc):
+        config = {"seed": seed, "optim": {"lr": lr}, "task": {"datamodule": {"data_dir": data_dir}},
+                  "paths": {"results_dir": str(tmp_path)}}
+        write_record(tmp_path, {"status": "ok", "protocol": "quick", "task": "listops", "model": "transformer",
+                                "seed": seed, "test_acc": acc, "config": config, "finished": 1.0e9 + seed})
+
+    record(0, 1e-3, "data", 0.40)
+    record(1, 1e-3, "/elsewhere", 0.50)
+    record(0, 1e-4, "data", 0.20)
+    render(tmp_path)
+    rows = {r["model"]: r for r in csv.DictReader((tmp_path / "accuracy.csv").open())}
+    assert rows["transformer (optim.lr=0.001)"]["accuracy_mean"] == "45.0000"
+    assert rows["transformer (optim.lr=0.001)"]["n"] == "2"
+    assert rows["transformer (optim.lr=0.0001)"]["accuracy_mean"] == "20.0000"
+    assert cell_key({"seed": 0, "task": {"datamodule": {"data_dir": "a"}}, "paths": {"log_dir": "x"}}) == \
+        cell_key({"seed": 0, "task": {"datamodule": {"data_dir": "b"}}, "paths": {"log_dir": "y"}})
