@@ -29,6 +29,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+NAMED = ("task=", "model=", "protocol=", "seed=")  # overrides the summary line already shows
 
 
 class SweepSummary(Callback):
@@ -50,11 +51,14 @@ class SweepSummary(Callback):
                   f"best so far ({best}):\n{best.read_text()}")
         if not outcomes:
             return
+        shared = set.intersection(*(set(o.get("overrides", [])) for o in outcomes))  # show what tells jobs apart
         counts: dict[str, int] = {}
         print(f"\n[lra] sweep {sweep_dir}:")
         for o in outcomes:
             counts[o["status"]] = counts.get(o["status"], 0) + 1
+            extra = [x for x in o.get("overrides", []) if x not in shared and not x.startswith(NAMED)]
             cell = f"{o['task']}/{o['model']}/{o['protocol']} seed {o['seed']}"
+            cell += f" [{' '.join(extra)}]" if extra else ""
             if o["status"] == "failed":
                 detail = o["reason"] + (f" ({o['record']})" if o.get("record") else "")
             else:

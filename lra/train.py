@@ -111,7 +111,10 @@ HINTS = {  # what to try, by failure reason
 
 
 def _write_outcome(out_dir: Path, outcome: dict) -> None:
-    """``<job dir>/outcome.json``: what this job did (ok | skipped | failed), read by the sweep summary."""
+    """``<job dir>/outcome.json``: what this job did (ok | skipped | failed) and its overrides, read by the sweep
+    summary."""
+    if HydraConfig.initialized():
+        outcome["overrides"] = list(HydraConfig.get().overrides.task)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "outcome.json").write_text(json.dumps(outcome, indent=1, default=str))
 

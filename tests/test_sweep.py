@@ -190,6 +190,8 @@ def test_optuna_search_resumes_its_stored_study(tmp_path):
     assert len(study.trials) == 4 and len(values) == 4 and all(0 <= v <= 1 for v in values)
     assert len({t.params["optim.lr"] for t in study.trials}) == 4
     assert not (tmp_path / "results").exists() and "Optuna study" in proc.stdout
+    # each trial's line shows the settings that tell it apart (the learning rates always differ)
+    assert proc.stdout.count("ok       listops/transformer/quick seed 0 [optim.lr=") == 2
     assert len(load_records(tmp_path / "logs" / "hparams_search" / name)) == 4
 
 
