@@ -27,8 +27,10 @@ import platform
 import secrets
 import statistics
 import subprocess
+import sys
 import time
 from collections import defaultdict
+from importlib import metadata
 from pathlib import Path
 
 TASK_ORDER = ["listops", "text", "retrieval", "image", "pathfinder", "pathx"]
@@ -45,6 +47,22 @@ def git_state(where: Path) -> dict:
         return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changes.strip())}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown (not a git checkout)", "dirty": None}
+
+
+VERSIONED = ("torch", "lightning", "hydra-core", "omegaconf", "numpy", "datasets", "lra")
+
+
+def package_versions() -> dict:
+    """Python, CUDA and the packages a record's numbers depend on (None where one is not installed)."""
+    import torch
+
+    out = {"python": sys.version.split()[0], "cuda": torch.version.cuda}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def device_name(device) -> str:
@@ -104,13 +122,19 @@ def write_record(results_dir: str | Path, record: dict) -> Path:
     return path
 
 
-def load_records(results_dir: str | Path) -> list[dict]:
+def load_json_records(folder: str | Path) -> list[dict]:
+    """Every ``*.json`` record under ``folder``, in path order, each with its ``_path``."""
     records = []
-    for path in sorted((Path(results_dir) / "runs").rglob("*.json")):
+    for path in sorted(Path(folder).rglob("*.json")):
         record = json.loads(path.read_text())
         record["_path"] = str(path)
         records.append(record)
     return records
+
+
+def load_records(results_dir: str | Path) -> list[dict]:
+    """The run records under ``results_dir/runs``."""
+    return load_json_records(Path(results_dir) / "runs")
 
 
 def task_label(record: dict) -> str:

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 
 import hydra
@@ -32,24 +31,13 @@ from lra.callbacks import StepProgressBar, StepSeed, Throughput
 from lra.data import DataError
 from lra.models import build_model
 from lra.module import LRAModule, NonFiniteLoss
-from lra.results import cell_key, device_name, finished_record, git_state, write_record
+from lra.results import cell_key, device_name, finished_record, git_state, package_versions, write_record
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "numpy", "datasets", "lra")
 
 
 class ConfigError(ValueError):
     """A bad option or path in the composed config; the message names it and the fix."""
-
-
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -163,7 +151,7 @@ def run(cfg: DictConfig) -> dict:
             "data": state["datamodule"].describe_source() if "datamodule" in state else {},
             "wall_time_s": round(time.time() - started, 2), "output_dir": str(out_dir),
             "device": device_name(trainer.strategy.root_device) if trainer is not None else None,
-            "git": git_state(REPO), "versions": _versions(), "config": config, "finished": time.time(),
+            "git": git_state(REPO), "versions": package_versions(), "config": config, "finished": time.time(),
         }
         if rank_zero and not fast:
             path = err.failure_record = write_record(cfg.paths.results_dir, failure) if cfg.record else None
@@ -267,7 +255,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         "resumed_from": ckpt_path,
         "output_dir": str(out_dir),
         "git": git_state(REPO),
-        "versions": _versions(),
+        "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "finished": time.time(),
     }

@@ -18,10 +18,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-from lra.results import device_name, git_state
+from lra.results import device_name, git_state, package_versions
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -238,18 +237,6 @@ def run_isolated(spec: dict, timeout_s: float, memory_limit_mb: float | None) ->
         return {"status": "error", "error": f"exit status {proc.returncode}: {tail}"}
 
 
-def versions() -> dict:
-    import torch
-
-    out = {"python": sys.version.split()[0], "cuda": torch.version.cuda}
-    for name in ("torch", "numpy", "hydra-core", "omegaconf", "lra"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def device_slug(device: str) -> str:
     import torch
 
@@ -301,7 +288,7 @@ def run_grid(profile: str, settings: dict, results_dir: Path, configs: Path = CO
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{secrets.token_hex(3)}"
     run_dir = Path(results_dir) / "bench" / profile / slug / run_id
     common = {"kind": "bench", "profile": profile, "run_id": run_id, "device": device_name(torch.device(device)),
-              "device_type": device, "device_slug": slug, "git": git_state(REPO), "versions": versions()}
+              "device_type": device, "device_slug": slug, "git": git_state(REPO), "versions": package_versions()}
     log(f"[lra-bench] {len(points)} points on {common['device']} -> {run_dir}")
     records = []
     for i, point in enumerate(points, 1):

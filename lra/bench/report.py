@@ -15,12 +15,11 @@ are within a limit (a linear method's figures grow about ``long / short`` times,
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from lra.bench.grid import REFERENCES
-from lra.results import load_records, measured_cells
+from lra.results import load_json_records, load_records, measured_cells
 
 SECTION = ("mode", "precision", "batch_size")
 CSV_COLUMNS = ["profile", "device", "run_id", "mode", "precision", "batch_size", "compile", "model", "attention",
@@ -31,12 +30,7 @@ FIGURE_LENGTH = 4096  # LRA Figure 3 compares training speed at 4K tokens
 
 
 def load_bench_records(results_dir: str | Path) -> list[dict]:
-    records = []
-    for path in sorted((Path(results_dir) / "bench").rglob("*.json")):
-        record = json.loads(path.read_text())
-        record["_path"] = str(path)
-        records.append(record)
-    return records
+    return load_json_records(Path(results_dir) / "bench")
 
 
 def latest_runs(records: list[dict]) -> list[list[dict]]:
