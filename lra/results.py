@@ -103,11 +103,9 @@ def cell_key(config: dict) -> str:
 
 def finished_record(results_dir: str | Path, protocol: str, task: str, model: str, cell: str) -> dict | None:
     """The first ``ok`` record of ``cell`` (see ``cell_key``), or None."""
-    for path in sorted((Path(results_dir) / "runs" / protocol / task / model).glob("*.json")):
-        record = json.loads(path.read_text())
-        if record.get("cell") == cell and record.get("status", "ok") == "ok":
-            return {**record, "_path": str(path)}
-    return None
+    folder = Path(results_dir) / "runs" / protocol / task / model
+    return next((r for r in load_json_records(folder) if r.get("cell") == cell and r.get("status", "ok") == "ok"),
+                None)
 
 
 def write_record(results_dir: str | Path, record: dict) -> Path:

@@ -136,29 +136,37 @@ def run(cfg: DictConfig) -> dict:
     if ckpt_path is None and cfg.resume and (ckpt_dir / "last.ckpt").is_file():
         ckpt_path = str(ckpt_dir / "last.ckpt")
         print(f"[lra] continuing this experiment from {ckpt_path}")
+
+    def provenance() -> dict:  # what every record, finished or failed, says about the run that made it
+        return {**ident, "attention": cfg.model.attention, "cell": cell, "resumed_from": ckpt_path,
+                "output_dir": str(out_dir), "wall_time_s": round(time.time() - started, 2), "git": git_state(REPO),
+                "versions": package_versions(), "config": config, "finished": time.time()}
+
     state: dict = {}
     try:
-        record = _fit_and_test(cfg, out_dir, ckpt_dir, ckpt_path, state, started)
+        record = {**_fit_and_test(cfg, out_dir, ckpt_dir, ckpt_path, state, started), **provenance()}
     except Exception as err:
         trainer, last = state.get("trainer"), ckpt_dir / "last.ckpt"
         rank_zero = trainer.is_global_zero if trainer is not None else rank_zero_only.rank == 0
         failure = {
-            **ident, "status": "failed", "reason": _failure_reason(err),
+            "status": "failed", "reason": _failure_reason(err),
             "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-8),
             "step": trainer.global_step if trainer is not None else None,
             "last_checkpoint": str(last) if last.is_file() else None,
-            "resumed_from": ckpt_path, "cell": cell, "attention": cfg.model.attention,
             "data": state["datamodule"].describe_source() if "datamodule" in state else {},
-            "wall_time_s": round(time.time() - started, 2), "output_dir": str(out_dir),
             "device": device_name(trainer.strategy.root_device) if trainer is not None else None,
-            "git": git_state(REPO), "versions": package_versions(), "config": config, "finished": time.time(),
+            **provenance(),
         }
         if rank_zero and not fast:
             path = err.failure_record = write_record(cfg.paths.results_dir, failure) if cfg.record else None
             _write_outcome(out_dir, {**ident, "status": "failed", "cell": cell, "reason": failure["reason"],
                                      "record": path})
         raise
-    record["cell"] = cell
+    if state["trainer"].is_global_zero:
+        print(f"[lra] {cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}: test accuracy "
+              f"{100 * record['test_acc']:.2f}% (majority-class rate of this test set: "
+              f"{100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
+              f"{record['steps']} steps in {record['wall_time_s']:.0f}s")
     if fast:
         print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
     elif state["trainer"].is_global_zero:
@@ -172,7 +180,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict,
                   started: float) -> dict:
-    """The run itself; ``state`` receives the datamodule and the trainer as they come to exist."""
+    """The run itself -> its measurements; ``state`` receives the datamodule and the trainer as they come to exist."""
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise ConfigError(
             f"ckpt_path={ckpt_path} does not exist. Give the path of a Lightning checkpoint written by a "
@@ -227,21 +235,14 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     fit_seconds = time.time() - started
     best = None if fast else checkpoint.best_model_path or None
     tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    majority = datamodule.majority_rate("test")
 
-    record = {
+    return {
         "status": "ok",
-        "task": cfg.task.name,
-        "model": cfg.model.name,
-        "attention": cfg.model.attention,
-        "protocol": cfg.protocol.name,
-        "seed": int(cfg.seed),
         "val_acc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "test_acc": float(tested["test/acc"]),
         "test_loss": float(tested["test/loss"]),
-        "test_majority_rate": majority,
+        "test_majority_rate": datamodule.majority_rate("test"),
         "steps": int(trainer.global_step),
-        "wall_time_s": round(time.time() - started, 2),
         "fit_time_s": round(fit_seconds, 2),
         **throughput.summary(module.device),
         "parameters": sum(p.numel() for p in module.parameters()),
@@ -252,19 +253,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         "data": {**datamodule.describe_source(), "cache": str(datamodule.cache_dir),
                  "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
         "checkpoint": best,
-        "resumed_from": ckpt_path,
-        "output_dir": str(out_dir),
-        "git": git_state(REPO),
-        "versions": package_versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "finished": time.time(),
     }
-    if trainer.is_global_zero:
-        print(f"[lra] {cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}: test accuracy "
-              f"{100 * record['test_acc']:.2f}% (majority-class rate of this test set: {100 * majority:.2f}%), "
-              f"best val {100 * (record['val_acc'] or 0):.2f}%, {record['steps']} steps in "
-              f"{record['wall_time_s']:.0f}s")
-    return record
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "configs"), config_name="train")

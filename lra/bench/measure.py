@@ -115,15 +115,14 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-class TensorMemory:
-    """The CPU counterpart of ``CudaMemory``: the peak bytes of live tensors created during the step."""
+TENSOR_METHOD = "peak bytes of live tensors created during the step (torch dispatch tracking)"
 
-    method = "peak bytes of live tensors created during the step (torch dispatch tracking)"
 
-    def measure(self, step) -> float:
-        with LivePeak() as tracker:
-            step()
-        return tracker.peak / MB
+def tensor_peak_mb(step) -> float:
+    """The CPU counterpart of ``CudaMemory``: the peak bytes of live tensors created during ``step``."""
+    with LivePeak() as tracker:
+        step()
+    return tracker.peak / MB
 
 
 def resident_peak_mb(step, release_cache: bool) -> tuple[float | None, str]:
@@ -235,7 +234,7 @@ def measure(spec: dict, release_cache: bool = False) -> dict:
         step()
         peak, method, resident = memory.peak_mb(), memory.method, {}
     else:
-        peak, method = TensorMemory().measure(step), TensorMemory.method
+        peak, method = tensor_peak_mb(step), TENSOR_METHOD
         rss, rss_method = resident_peak_mb(step, release_cache)
         resident = {"rss_peak_mb": rss, "rss_method": rss_method}
     return {
