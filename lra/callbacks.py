@@ -1,4 +1,5 @@
-"""Training callbacks: per-step seeding, a step progress bar with ETA, and throughput / peak-memory measurement."""
+"""Training callbacks: per-step seeding, a step progress bar with ETA, the run's history over resumed segments, and
+throughput / peak-memory measurement."""
 
 from __future__ import annotations
 
@@ -50,22 +51,71 @@ class StepProgressBar(L.Callback):
             self.bar.close()
 
 
+class RunHistory(L.Callback):
+    """What a run did over all its segments: a run resumed from a checkpoint continues the history saved in it.
+
+    ``history``: ``{step, val_acc, val_loss, elapsed_s}`` at every validation (the figures the best-checkpoint choice
+    was made from; the run record keeps them for the learning-curve plots). ``elapsed()``: seconds of fitting summed
+    over segments; a killed segment counts up to its last checkpoint (the steps after it are trained again and
+    counted then). ``segments``: how many processes the fit took.
+    """
+
+    def __init__(self):
+        self.history: list[dict] = []
+        self.earlier_s, self.segments, self.started = 0.0, 1, None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.earlier_s + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.history.append({"step": trainer.global_step, "val_acc": round(float(metrics["val/acc"]), 6),
+                             "val_loss": round(float(metrics["val/loss"]), 6), "elapsed_s": round(self.elapsed(), 1)})
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "elapsed_s": self.elapsed(), "segments": self.segments}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+        self.earlier_s, self.segments = float(state_dict["elapsed_s"]), int(state_dict["segments"]) + 1
+
+
 class Throughput(L.Callback):
     """Times every training step (synchronising CUDA) and logs ``train/tokens_per_s``.
 
     Tokens are the positions the model processes (batch x padded length, both inputs for two-input
     tasks). ``summary()`` gives the median over steps after the first ``warmup`` ones, and the peak memory:
-    ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak resident set size on CPU.
+    ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak resident set size on CPU. Both are kept in
+    checkpoints, so a resumed run reports them over all its segments (rates: all steps; memory: the highest peak).
     """
 
     def __init__(self, warmup: int = 5):
-        self.warmup, self.rates, self.start = warmup, [], None
+        self.warmup, self.rates, self.start, self.earlier_peak_mb, self.device = warmup, [], None, 0.0, None
+
+    def state_dict(self) -> dict:
+        return {"rates": self.rates, "peak_mb": self._peak()[0]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rates, self.earlier_peak_mb = list(state_dict["rates"]), float(state_dict["peak_mb"])
+
+    def _peak(self) -> tuple[float, str]:
+        if self.device is not None and self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated"
+        else:
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+        return max(peak, self.earlier_peak_mb), kind
 
     def _sync(self, pl_module):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_start(self, trainer, pl_module):
+        self.device = pl_module.device
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -82,10 +132,8 @@ class Throughput(L.Callback):
 
     def summary(self, device: torch.device) -> dict:
         rates = sorted(self.rates[self.warmup:] or self.rates)
-        if device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
-        else:
-            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+        self.device = device
+        peak, kind = self._peak()
         return {
             "train_tokens_per_s": rates[len(rates) // 2] if rates else None,
             "peak_memory_mb": round(peak, 1),

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lra.callbacks import StepProgressBar, StepSeed, Throughput
+from lra.callbacks import RunHistory, StepProgressBar, StepSeed, Throughput
 from lra.data import DataError
 from lra.models import build_model
 from lra.module import LRAModule, NonFiniteLoss
@@ -137,14 +137,19 @@ def run(cfg: DictConfig) -> dict:
         ckpt_path = str(ckpt_dir / "last.ckpt")
         print(f"[lra] continuing this experiment from {ckpt_path}")
 
+    git = git_state(REPO)  # the code that runs: taken now, not when the run ends
+
     def provenance() -> dict:  # what every record, finished or failed, says about the run that made it
+        history = state.get("history")  # a resumed run: the time and count of the segments before this one
+        earlier, segments = state.get("segments") or ((history.earlier_s, history.segments) if history else (0.0, 1))
         return {**ident, "attention": cfg.model.attention, "cell": cell, "resumed_from": ckpt_path,
-                "output_dir": str(out_dir), "wall_time_s": round(time.time() - started, 2), "git": git_state(REPO),
+                "output_dir": str(out_dir), "wall_time_s": round(earlier + time.time() - started, 2),
+                "segments": segments, "git": git,
                 "versions": package_versions(), "config": config, "finished": time.time()}
 
     state: dict = {}
     try:
-        record = {**_fit_and_test(cfg, out_dir, ckpt_dir, ckpt_path, state, started), **provenance()}
+        record = {**_fit_and_test(cfg, out_dir, ckpt_dir, ckpt_path, state), **provenance()}
     except Exception as err:
         trainer, last = state.get("trainer"), ckpt_dir / "last.ckpt"
         rank_zero = trainer.is_global_zero if trainer is not None else rank_zero_only.rank == 0
@@ -178,8 +183,7 @@ def run(cfg: DictConfig) -> dict:
     return record
 
 
-def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict,
-                  started: float) -> dict:
+def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict) -> dict:
     """The run itself -> its measurements; ``state`` receives the datamodule and the trainer as they come to exist."""
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise ConfigError(
@@ -218,7 +222,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     )
     # last.ckpt at every validation (Lightning's save_last follows only improvements): what a resumed run continues
     latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
-    throughput = Throughput()
+    throughput, history = Throughput(), state.setdefault("history", RunHistory())
     logger = hydra.utils.instantiate(cfg.logger) if cfg.logger else False
     trainer = state["trainer"] = L.Trainer(
         **trainer_cfg,
@@ -229,10 +233,12 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         use_distributed_sampler=False,  # the datamodule shards its own loaders (resumable training order)
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[checkpoint, latest, throughput, StepSeed(cfg.seed), StepProgressBar()],
+        callbacks=[checkpoint, latest, throughput, history, StepSeed(cfg.seed), StepProgressBar()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    fit_seconds = time.time() - started
+    # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
+    fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
+    state["segments"] = (history.earlier_s, history.segments)
     best = None if fast else checkpoint.best_model_path or None
     tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
 
@@ -244,7 +250,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         "test_majority_rate": datamodule.majority_rate("test"),
         "steps": int(trainer.global_step),
         "fit_time_s": round(fit_seconds, 2),
-        **throughput.summary(module.device),
+        "val_history": val_history,
+        **speed,
         "parameters": sum(p.numel() for p in module.parameters()),
         "device": device_name(module.device),
         "world_size": trainer.world_size,

@@ -148,6 +148,13 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(make_cfg,
     resumed = run(make_cfg(*TINY, *steps, "resume=true", run_dir="resumed"))
     assert resumed["resumed_from"].endswith("last.ckpt") and "/cells/" in resumed["resumed_from"]
     assert [resumed[k] for k in keys] == [straight[0][k] for k in keys]
+    # the record covers both segments: every validation (the killed segment's from its checkpoint) and both times
+    assert [h["step"] for h in resumed["val_history"]] == [6, 12, 18, 24]
+    assert [h["val_acc"] for h in resumed["val_history"]] == [h["val_acc"] for h in straight[0]["val_history"]]
+    assert (resumed["segments"], straight[0]["segments"]) == (2, 1)
+    elapsed = [h["elapsed_s"] for h in resumed["val_history"]]
+    assert elapsed == sorted(elapsed) and resumed["fit_time_s"] >= elapsed[-1]
+    assert resumed["wall_time_s"] >= resumed["fit_time_s"]
     final = [_weights(Path(r["output_dir"]) / "checkpoints" / "last.ckpt") for r in straight]
     final.append(_weights(Path(resumed["resumed_from"])))  # the cell's last.ckpt, rewritten at step 24
     for name, value in final[0].items():
