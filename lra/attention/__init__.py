@@ -18,9 +18,9 @@ import pkgutil
 
 from torch import nn
 
-from lra.attention.base import AttentionBase, QKVAttention
+from lra.attention.base import AttentionBase, QKVAttention, in_fp32
 
-__all__ = ["AttentionBase", "QKVAttention", "available", "build", "get", "register"]
+__all__ = ["AttentionBase", "QKVAttention", "available", "build", "get", "in_fp32", "register"]
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 _loaded = False

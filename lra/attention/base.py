@@ -15,6 +15,17 @@ import torch
 from torch import nn
 
 
+def in_fp32(fn, *tensors: torch.Tensor, mask: torch.Tensor):
+    """``fn(*tensors, mask)`` computed in at least float32 with autocast off, cast back to ``tensors[0]``'s dtype.
+
+    The Nyströmformer harness's "attention in fp32" (LRA/code/attention.py: projections under autocast, the
+    attention core on ``Q.float(), K.float(), V.float()``); float64 inputs stay float64.
+    """
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return fn(*(t.to(dtype) for t in tensors), mask).to(tensors[0].dtype)
+
+
 class AttentionBase(nn.Module):
     """Interface of every attention: ``forward(x, mask) -> [B, N, D]``.
 
@@ -43,10 +54,14 @@ class QKVAttention(AttentionBase):
     """Attention computed from per-head queries, keys and values.
 
     ``forward`` projects ``x`` to ``q, k, v: [B, H, N, Dh]``, calls ``attend(q, k, v, mask)`` (the method's
-    own part, returning ``[B, H, N, Dh]``), merges the heads and applies ``out_proj``. Padded positions
+    own part, returning ``[B, H, N, Dh]``), merges the heads and applies ``out_proj``. With ``fp32_core`` (set by
+the encoder under ``encoder.attention_fp32``) ``attend`` runs in at least float32 with autocast off while the
+projections run in the model's precision, as the Nyströmformer harness does. Padded positions
     of ``v`` are zeroed before ``attend`` so no method can mix them into real outputs by accident;
     each method is still responsible for keeping padded keys out of its normalisations.
     """
+
+    fp32_core = False  # set by the encoder (``encoder.attention_fp32``): ``attend`` in at least float32
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__(dim, num_heads)
@@ -69,7 +84,10 @@ class QKVAttention(AttentionBase):
         q = self.split_heads(self.q_proj(x))
         k = self.split_heads(self.k_proj(x))
         v = self.split_heads(self.v_proj(x) * mask[..., None].to(x.dtype))
-        out = self.attend(q, k, v, mask)
+        if self.fp32_core:
+            out = in_fp32(self.attend, q, k, v, mask=mask)
+        else:
+            out = self.attend(q, k, v, mask)
         return self.out_proj(self.merge_heads(out))
 
     def attend(self, q, k, v, mask):  # pragma: no cover

@@ -7,10 +7,13 @@ Block (pre-LayerNorm, as in LRA's and the Nyströmformer harness's encoders)::
     x = x + Dropout(Attention(LN(x), mask))
     x = x + Dropout(Linear(Dropout(GELU(Linear(LN(x))))))
 
-followed by a final LayerNorm. Pooling is ``mean`` (average over real tokens only) or ``cls`` (a
-learned token, zero-initialised as in LRA, prepended to the sequence; its output is the feature).
-Note: the Nyströmformer harness zeroes padded outputs and then averages over *all* N positions; the
-mean over real tokens used here differs from it by the per-sequence factor N / n_real.
+followed by a final LayerNorm. Pooling (``x`` the final hidden states ``[B, N, D]``, ``n`` the real tokens):
+
+* ``mean``: ``Σ_real x / n``, the average over real tokens only;
+* ``mean_with_padding``: ``Σ_real x / N``, the Nyströmformer harness's pooling (LRA/code/model.py zeroes the
+  padded outputs of the final LayerNorm, model_wrapper.py then averages over all ``N`` positions): the
+  feature shrinks by ``n / N`` on short inputs;
+* ``cls``: a learned token, zero-initialised as in LRA, prepended to the sequence; its output is the feature.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from torch import nn
 
 import lra.attention as attention
+
+POOLINGS = ("mean", "mean_with_padding", "cls")
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -36,8 +41,12 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 class Block(nn.Module):
     """One pre-LN Transformer block around ``attention.build(attention_name, ...)``.
 
-    ``attention_fp32`` runs the attention in float32 with autocast disabled (the ``nystrom`` protocol:
-    attention in fp32 while the rest runs in mixed precision); the result is cast back.
+    ``attention_fp32`` (the ``nystrom`` protocol: attention in fp32 while the rest runs in mixed precision)
+    computes the attention in at least float32 with autocast off, whatever the model's precision (``16-mixed``,
+    ``bf16-mixed``, ``16-true``, ``bf16-true``): for query/key/value attentions the core after the projections
+    (``QKVAttention.fp32_core``, as the harness's attention.py); attentions that own other projections (Reformer,
+    Synthesizer, ToST) run whole in float32, their half-precision weights upcast for the computation (gradients
+    still reach them), as the harness runs its Reformer.
     """
 
     def __init__(self, dim, num_heads, mlp_dim, dropout, attention_name, attention_options, attention_fp32):
@@ -50,12 +59,21 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.attention_fp32 = attention_fp32
+        if attention_fp32 and isinstance(self.attention, attention.QKVAttention):
+            self.attention.fp32_core = True
 
     def attend(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not self.attention_fp32:
+        if not self.attention_fp32 or isinstance(self.attention, attention.QKVAttention):
             return self.attention(x, mask)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.attention(x.float(), mask).to(x.dtype)
+        return attention.in_fp32(self._attention_upcast, x, mask=mask)
+
+    def _attention_upcast(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attention module on ``x`` with its floating-point parameters in ``x``'s dtype."""
+        upcast = {name: p.to(x.dtype) for name, p in self.attention.named_parameters()
+                  if p.is_floating_point() and p.dtype != x.dtype}
+        if not upcast:
+            return self.attention(x, mask)
+        return torch.func.functional_call(self.attention, upcast, (x, mask), strict=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attend(self.norm1(x), mask))
@@ -70,7 +88,7 @@ class Encoder(nn.Module):
         max_len: longest input accepted (positions table size, plus one for ``cls``).
         pos_emb: ``learned`` (normal(0.02) init) or ``sinusoidal`` (fixed).
         embed_init_std: std of the token embedding init (0.02 in the Nyströmformer harness, 1.0 in LRA).
-        pooling: ``mean`` over real tokens or ``cls``.
+        pooling: ``mean`` (over real tokens), ``mean_with_padding`` (over all positions) or ``cls``.
     """
 
     def __init__(
@@ -90,8 +108,8 @@ class Encoder(nn.Module):
         attention_fp32: bool = False,
     ):
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"encoder.pooling must be 'mean' or 'cls', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"encoder.pooling must be one of {POOLINGS}, got {pooling!r}")
         if pos_emb not in ("learned", "sinusoidal"):
             raise ValueError(f"encoder.pos_emb must be 'learned' or 'sinusoidal', got {pos_emb!r}")
         self.pooling, self.max_len = pooling, max_len
@@ -127,6 +145,8 @@ class Encoder(nn.Module):
         if self.cls is not None:
             return x[:, 0]
         weights = mask.to(x.dtype)[..., None]
+        if self.pooling == "mean_with_padding":
+            return (x * weights).sum(1) / n
         return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
     def attentions(self):
