@@ -5,8 +5,8 @@ query/key/value/output projections with one set of parameter names (``q_proj``, 
 ``out_proj``), so the same weights can be loaded into ``softmax`` and into any approximation built on
 them and the two outputs compared (fidelity tests and reports).
 
-Shapes: ``x: [B, N, D]``, ``mask: [B, N]`` bool (True = real token); heads split ``D = H * Dh`` into
-``[B, H, N, Dh]``.
+Shapes: ``x: [B, N, D]``, ``mask: [B, N]`` bool (True = real token); the attention width ``A`` (``qkv_dim``,
+default ``D``; LRA's image configs use ``A < D``) splits into heads ``A = H * Dh``, ``[B, H, N, Dh]``.
 """
 
 from __future__ import annotations
@@ -37,13 +37,15 @@ class AttentionBase(nn.Module):
 
     registry_name: str = "?"
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, inner_dim: int | None = None):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"attention width dim={dim} is not divisible by num_heads={num_heads}")
-        self.dim = dim
+        inner_dim = inner_dim or dim
+        if inner_dim % num_heads:
+            raise ValueError(f"attention width {inner_dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim  # model width D (input and output)
+        self.inner_dim = inner_dim  # attention width A = H * Dh
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = inner_dim // num_heads
         self.aux_losses: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
@@ -53,30 +55,32 @@ class AttentionBase(nn.Module):
 class QKVAttention(AttentionBase):
     """Attention computed from per-head queries, keys and values.
 
-    ``forward`` projects ``x`` to ``q, k, v: [B, H, N, Dh]``, calls ``attend(q, k, v, mask)`` (the method's
-    own part, returning ``[B, H, N, Dh]``), merges the heads and applies ``out_proj``. With ``fp32_core`` (set by
-the encoder under ``encoder.attention_fp32``) ``attend`` runs in at least float32 with autocast off while the
-projections run in the model's precision, as the Nyströmformer harness does. Padded positions
-    of ``v`` are zeroed before ``attend`` so no method can mix them into real outputs by accident;
+    ``forward`` projects ``x`` to ``q, k, v: [B, H, N, Dh]`` (``Linear(D, A)`` each, biases if ``qkv_bias``),
+    calls ``attend(q, k, v, mask)`` (the method's own part, returning ``[B, H, N, Dh]``), merges the heads and
+    applies ``out_proj`` (``Linear(A, D)``, a bias if ``out_bias``; LRA's flax attention has no biases at all).
+    With ``fp32_core`` (set by the encoder under ``encoder.attention_fp32``) ``attend`` runs in at least float32
+    with autocast off while the projections run in the model's precision, as the Nyströmformer harness does.
+    Padded positions of ``v`` are zeroed before ``attend`` so no method can mix them into real outputs by accident;
     each method is still responsible for keeping padded keys out of its normalisations.
     """
 
     fp32_core = False  # set by the encoder (``encoder.attention_fp32``): ``attend`` in at least float32
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__(dim, num_heads)
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(dim, dim)
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qkv_dim: int | None = None,
+                 out_bias: bool = True):
+        super().__init__(dim, num_heads, inner_dim=qkv_dim)
+        self.q_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(self.inner_dim, dim, bias=out_bias)
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, N, D] -> [B, H, N, Dh]``."""
+        """``[B, N, A] -> [B, H, N, Dh]``."""
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, H, N, Dh] -> [B, N, D]``."""
+        """``[B, H, N, Dh] -> [B, N, A]``."""
         b, h, n, dh = t.shape
         return t.transpose(1, 2).reshape(b, n, h * dh)
 

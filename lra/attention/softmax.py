@@ -17,10 +17,12 @@ from lra.attention.base import QKVAttention
 
 @register("softmax")
 class SoftmaxAttention(QKVAttention):
-    """Naive softmax attention. Options: ``dropout`` (on the attention probabilities), ``qkv_bias``."""
+    """Naive softmax attention. Options: ``dropout`` (on the attention probabilities),
+    ``qkv_bias``, ``qkv_dim``, ``out_bias`` (see ``QKVAttention``)."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True,
+                 qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         self.dropout = torch.nn.Dropout(dropout)
 
     def attend(self, q, k, v, mask):
