@@ -1,4 +1,5 @@
-# The user's verbs. Every target creates the virtual environment on first use.
+# The user's verbs. Every target creates the virtual environment on first use: torch first (TORCH, default the CPU
+# build; TORCH_INDEX: a wheel index such as https://download.pytorch.org/whl/cu124 for a CUDA build), then the suite.
 #   make demo                      train + test a real model on generated ListOps in minutes (CPU)
 #   make test                      the default test suite (slow tests excluded)
 #   make reproduce TASK=listops MODEL=proxyformer [PROTOCOL=nystrom] [SEED=0] [ARGS="..."]
@@ -13,6 +14,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 TASK ?= listops
 MODEL ?= proxyformer
 PROTOCOL ?= nystrom
@@ -31,7 +33,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev,plots,sweep,slurm]"
 	touch $(STAMP)
 

@@ -41,9 +41,11 @@ class StepProgressBar(L.Callback):
                         dynamic_ncols=True, file=sys.stderr)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        metrics = trainer.callback_metrics
-        post = {k: f"{float(metrics[k]):.4f}" for k in ("train/loss", "val/acc") if k in metrics}
-        self.bar.set_postfix(post, refresh=False)
+        # reading a metric waits for the GPU: on CUDA only once per logging interval
+        if pl_module.device.type != "cuda" or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            metrics = trainer.callback_metrics
+            post = {k: f"{float(metrics[k]):.4f}" for k in ("train/loss", "val/acc") if k in metrics}
+            self.bar.set_postfix(post, refresh=False)
         self.bar.update(trainer.global_step - self.bar.n)
 
     def on_train_end(self, trainer, pl_module):
@@ -86,16 +88,27 @@ class RunHistory(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Times every training step (synchronising CUDA) and logs ``train/tokens_per_s``.
+    """Training throughput (``train/tokens_per_s``) and peak memory, without a host synchronisation per step.
 
-    Tokens are the positions the model processes (batch x padded length, both inputs for two-input
-    tasks). ``summary()`` gives the median over steps after the first ``warmup`` ones, and the peak memory:
-    ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak resident set size on CPU. Both are kept in
-    checkpoints, so a resumed run reports them over all its segments (rates: all steps; memory: the highest peak).
+    Tokens are the positions the model processes (batch x padded length, both inputs for two-input tasks). On CPU
+    each step is timed with the wall clock. On CUDA each step is bracketed by two CUDA events and the events are read
+    once every ``trainer.log_every_n_steps`` steps (one synchronisation per interval), so the figure measures the
+    kernels, not the launch-and-wait latency a per-step ``synchronize`` would add.
+
+    Peak memory: on CUDA, the most bytes allocated during a training step above what was allocated when the step began
+    (``max_memory_allocated`` after ``reset_peak_memory_stats`` at each step start, minus ``memory_allocated`` then):
+    activations and temporaries, the benchmark's definition (``lra.bench``); on CPU the process's peak resident set
+    size (absolute; the benchmark's tensor tracking would slow training down). ``peak_memory_kind`` says which.
+
+    ``summary()`` gives the median rate over steps after the first ``warmup`` ones. Rates and the peak are kept in
+    checkpoints, so a resumed run reports them over all its segments (memory: the highest peak).
     """
 
+    CUDA_KIND = "cuda_peak_allocated_above_step_start"
+
     def __init__(self, warmup: int = 5):
-        self.warmup, self.rates, self.start, self.earlier_peak_mb, self.device = warmup, [], None, 0.0, None
+        self.warmup, self.rates, self.earlier_peak_mb, self.device = warmup, [], 0.0, None
+        self.start, self.pending, self.step_peak_mb = None, [], 0.0
 
     def state_dict(self) -> dict:
         return {"rates": self.rates, "peak_mb": self._peak()[0]}
@@ -103,36 +116,58 @@ class Throughput(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.rates, self.earlier_peak_mb = list(state_dict["rates"]), float(state_dict["peak_mb"])
 
-    def _peak(self) -> tuple[float, str]:
-        if self.device is not None and self.device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated"
-        else:
-            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
-        return max(peak, self.earlier_peak_mb), kind
+    def _cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
 
-    def _sync(self, pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+    def _peak(self) -> tuple[float, str]:
+        if self._cuda():
+            return max(self.step_peak_mb, self.earlier_peak_mb), self.CUDA_KIND
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return max(peak, self.earlier_peak_mb), "process_peak_rss"
 
     def on_train_start(self, trainer, pl_module):
         self.device = pl_module.device
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._sync(pl_module)
-        self.start = time.perf_counter()
+        if self._cuda():
+            self.base_bytes = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            self.pending.append([begin, None, 0])
+        else:
+            self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._sync(pl_module)
         tokens = sum(v.numel() for k, v in batch.items() if k.startswith("input_ids"))
-        rate = tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.rates.append(rate)
-        pl_module.log("train/tokens_per_s", rate, batch_size=1)
+        if not self._cuda():
+            rate = tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.rates.append(rate)
+            pl_module.log("train/tokens_per_s", rate, batch_size=1)
+            return
+        peak = (torch.cuda.max_memory_allocated(self.device) - self.base_bytes) / 2**20
+        self.step_peak_mb = max(self.step_peak_mb, peak)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending[-1][1:] = [end, tokens]
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self.flush(pl_module)
+
+    def flush(self, pl_module=None) -> None:
+        """Read the pending CUDA events (one synchronisation) into per-step rates."""
+        if not self.pending or self.pending[-1][1] is None:
+            return
+        self.pending[-1][1].synchronize()
+        rates = [tokens / max(begin.elapsed_time(end) / 1000, 1e-9) for begin, end, tokens in self.pending]
+        self.rates += rates
+        self.pending = []
+        if pl_module is not None:
+            pl_module.log("train/tokens_per_s", sum(rates) / len(rates), batch_size=1)
 
     def summary(self, device: torch.device) -> dict:
-        rates = sorted(self.rates[self.warmup:] or self.rates)
         self.device = device
+        self.flush()
+        rates = sorted(self.rates[self.warmup:] or self.rates)
         peak, kind = self._peak()
         return {
             "train_tokens_per_s": rates[len(rates) // 2] if rates else None,

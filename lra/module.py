@@ -77,12 +77,36 @@ class LRAModule(L.LightningModule):
         return loss
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop the run (every process at once) at the first NaN/Inf loss: ``NonFiniteLoss`` names the step."""
-        bad = not bool(torch.isfinite(loss))
+        """Stop the run (every process at once) at the first NaN/Inf loss: ``NonFiniteLoss`` names its step.
+
+        Reading the loss on the host waits for the GPU, so on CUDA the first non-finite step is noted on the device
+        and read once per logging interval and before every validation (so no checkpoint is written after it);
+        on CPU it is read at every step.
+        """
+        step = torch.tensor(self.global_step, device=loss.device)
+        first = getattr(self, "_first_bad", None)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._first_bad = torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first)
+        self._first_bad_loss = loss.detach()
+        interval = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
+        if loss.device.type != "cuda" or (self.global_step + 1) % interval == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        first = getattr(self, "_first_bad", None)
+        if first is None:
+            return
+        step = int(first)
+        bad = step >= 0
         if self._trainer is not None:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise NonFiniteLoss(self.global_step, float(loss.detach()))
+            raise NonFiniteLoss(step, float(self._first_bad_loss) if step == self.global_step else float("nan"))
+
+    def on_validation_start(self):
+        if self.trainer.training or self.trainer.state.fn == "fit":
+            self.raise_if_nonfinite()
 
     # Evaluation sums exact counts over the processes' shards: accuracy = correct / rows of the whole split.
     def _eval_start(self):

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lra.callbacks import RunHistory, StepProgressBar, StepSeed, Throughput
 from lra.data import DataError
@@ -46,13 +46,27 @@ def _output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def _precision(cfg: DictConfig, accelerator: str) -> str:
-    """Mixed precision is a GPU setting; on CPU it is replaced by 32-true, said out loud and recorded."""
-    precision = str(cfg.trainer.precision)
-    if accelerator == "cpu" and precision in ("16-mixed", "bf16-mixed", "16", "bf16"):
-        print(f"[lra] trainer.precision={precision} is for GPUs; this run is on CPU and uses 32-true.")
-        return "32-true"
-    return precision
+CPU_FALLBACK = {"16-mixed": "32-true", "16": "32-true", "16-true": "32-true"}  # fp16 is a GPU format
+
+
+def resolve_hardware(cfg: DictConfig) -> None:
+    """Set ``trainer.accelerator`` and ``trainer.precision`` to what the run will really use, before anything is
+    derived from the config (the experiment key, the record): a CPU run and a GPU run, or an fp32 and an fp16 run,
+    are different experiments. ``auto`` becomes ``gpu`` when CUDA is available, else ``cpu``; on CPU the fp16
+    precisions become ``32-true``, said out loud (``bf16-mixed`` and ``bf16-true`` run on CPU as asked)."""
+    accelerator, precision = str(cfg.trainer.accelerator), str(cfg.trainer.precision)
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} (trainer=gpu) but torch sees no CUDA device"
+                          f"{' (a CPU build of torch)' if torch.version.cuda is None else ''}. Run on a GPU machine "
+                          f"with a CUDA build of torch (make ... TORCH=... TORCH_INDEX=...), or use trainer=cpu.")
+    if accelerator == "cpu" and precision in CPU_FALLBACK:
+        print(f"[lra] trainer.precision={precision} is a GPU setting; this run is on CPU and uses "
+              f"{CPU_FALLBACK[precision]} (recorded).")
+        precision = CPU_FALLBACK[precision]
+    with open_dict(cfg):
+        cfg.trainer.accelerator, cfg.trainer.precision = accelerator, precision
 
 
 def _multirun() -> bool:
@@ -118,6 +132,7 @@ def run(cfg: DictConfig) -> dict:
     """
     started = time.time()
     out_dir = _output_dir(cfg)
+    resolve_hardware(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     cell = cell_key(config)
     fast = bool(cfg.trainer.fast_dev_run)
@@ -192,6 +207,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
     _check_launch(trainer_cfg)
 
     datamodule = state["datamodule"] = hydra.utils.instantiate(cfg.task.datamodule, seed=cfg.seed)
@@ -211,10 +227,6 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         raise ConfigError(f"model={cfg.model.name}: {err.args[0]}") from None
     module = LRAModule(model, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps)
 
-    accelerator = trainer_cfg["accelerator"]
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    trainer_cfg.update(accelerator=accelerator, precision=_precision(cfg, accelerator))
     fast = bool(trainer_cfg.get("fast_dev_run"))
     checkpoint = ModelCheckpoint(  # the best validation accuracy so far (tested at the end)
         dirpath=ckpt_dir, monitor="val/acc", mode="max", save_top_k=1,
@@ -235,12 +247,12 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         enable_model_summary=False,
         callbacks=[checkpoint, latest, throughput, history, StepSeed(cfg.seed), StepProgressBar()],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
     fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
     state["segments"] = (history.earlier_s, history.segments)
     best = None if fast else checkpoint.best_model_path or None
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     return {
         "status": "ok",
@@ -260,7 +272,13 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         "data": {**datamodule.describe_source(), "cache": str(datamodule.cache_dir),
                  "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
         "checkpoint": best,
+        **({"sdpa_kernels": kernels} if (kernels := sdpa_kernels(model)) else {}),
     }
+
+
+def sdpa_kernels(model) -> list[str]:
+    """The fused-attention kernels PyTorch picked for the model's ``sdpa`` attentions (``lra.attention.sdpa``)."""
+    return sorted(set().union(*(getattr(a, "backends_used", ()) for a in model.encoder.attentions())))
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "configs"), config_name="train")

@@ -75,3 +75,31 @@ def test_unknown_name_lists_valid_ones():
 def test_unknown_option_is_an_error():
     with pytest.raises(TypeError, match="unknown option.*'dropout'"):
         attention.build("softmax", dim=DIM, num_heads=HEADS, drop_out=0.1)
+
+
+def test_sdpa_passes_no_mask_without_padding_and_records_its_kernel(monkeypatch):
+    """An unpadded batch reaches the fused kernels with no mask (FlashAttention needs none); the kernel PyTorch picked
+    is recorded; a padded batch still masks its padded keys."""
+    import torch.nn.functional as F
+
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, **kw):
+        seen.append(attn_mask)
+        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    attn = attention.build("sdpa", dim=16, num_heads=2).eval()
+    x = torch.randn(2, 10, 16)
+    full, padded = torch.ones(2, 10, dtype=torch.bool), torch.ones(2, 10, dtype=torch.bool)
+    padded[0, 6:] = False
+    attn(x, full)
+    out = attn(x, padded)
+    assert seen[0] is None and seen[1] is not None
+    assert attn.backends_used and attn.backends_used <= {"FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
+                                                         "MATH", "unknown"}
+    reference = attention.build("softmax", dim=16, num_heads=2).eval()
+    reference.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(out[padded], reference(x, padded)[padded], rtol=1e-5, atol=1e-6)

@@ -36,6 +36,8 @@ batch holds.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,10 +57,23 @@ def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Ten
     return torch.softmax(scores, dim=-1)
 
 
+@contextlib.contextmanager
+def true_fp32_matmuls():
+    """float32 matmuls in full float32 within the block, whatever ``torch.set_float32_matmul_precision`` says (TF32
+    would cost the pseudo-inverse iteration its accuracy)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def iterative_pinv(a: torch.Tensor, iterations: int, init_scaling: str = "per_matrix") -> torch.Tensor:
-    """Pseudo-inverse of each matrix of ``a: [..., m, m]``, in at least float32 (see the module doc)."""
+    """Pseudo-inverse of each matrix of ``a: [..., m, m]``, in at least float32 with true-fp32 matmuls (see the module
+    doc)."""
     dtype = torch.promote_types(a.dtype, torch.float32)
-    with torch.autocast(a.device.type, enabled=False):
+    with torch.autocast(a.device.type, enabled=False), true_fp32_matmuls():
         a = a.to(dtype)
         norm_1 = a.abs().sum(-2).amax(-1)  # max column sum, [...]
         norm_inf = a.abs().sum(-1).amax(-1)  # max row sum, [...]
@@ -84,7 +99,7 @@ def landmark_pinv(q_landmarks, k_landmarks, iterations, init_scaling, landmark_m
     megabytes of activations at ``m = 128``).
     """
     dtype = torch.promote_types(q_landmarks.dtype, torch.float32)
-    with torch.autocast(q_landmarks.device.type, enabled=False):
+    with torch.autocast(q_landmarks.device.type, enabled=False), true_fp32_matmuls():
         q_landmarks = q_landmarks.to(dtype) * q_landmarks.shape[-1] ** -0.5
         k2 = masked_softmax(q_landmarks @ k_landmarks.to(dtype).transpose(-1, -2), landmark_mask)
         if landmark_mask is not None:

@@ -121,7 +121,8 @@ class ProxyAttention(QKVAttention):
         return self._pinv_cache[1]
 
     def attend(self, q, k, v, mask):
-        p_q, p_k = self.proxies[0], self.proxies[-1]  # the same tensor when shared
+        # one tensor when shared; cast to the core's dtype (fp32 core with half weights)
+        p_q, p_k = self.proxies[0].to(q.dtype), self.proxies[-1].to(q.dtype)
         if self.injection:
             q_landmarks = inject(p_q, q, mask, self.injection_strength)
             k_landmarks = inject(p_k, k, mask, self.injection_strength)

@@ -1,17 +1,35 @@
 """Exact softmax attention through ``torch.nn.functional.scaled_dot_product_attention``.
 
-The same function as ``softmax`` (same parameters, same mask rule), computed by PyTorch's fused kernels:
-FlashAttention or memory-efficient attention on GPU when the inputs allow it, the math kernel on CPU.
-With a padding mask PyTorch may not pick the flash kernel; the memory-efficient one still avoids the
-``N x N`` matrix.
+The same function as ``softmax`` (same parameters, same mask rule), computed by PyTorch's fused kernels.
+Which kernel runs is PyTorch's choice from the inputs: on GPU, FlashAttention needs half precision, no
+attention mask and no (or supported) dropout; the memory-efficient kernel accepts a mask; otherwise the math
+kernel, which forms the ``N x N`` matrix. So that an unpadded batch can reach FlashAttention, no mask is passed
+when every token of the batch is real (a batch-wide check: one device-to-host sync per call on GPU). Attention
+dropout sends the CPU kernels to the math path (measured: 5.8x the time at 2048 tokens x 8), which is why the
+benchmark's reference rows run without it.
+
+``backends_used`` collects, per module, the names of the kernels PyTorch picked for its calls
+(``FLASH_ATTENTION``, ``EFFICIENT_ATTENTION``, ``CUDNN_ATTENTION``, ``MATH``; from PyTorch's own dispatcher
+choice, ``torch._fused_sdp_choice``); run records and benchmark points report them.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from lra.attention import register
 from lra.attention.base import QKVAttention
+
+
+def sdpa_backend(q, k, v, attn_mask, dropout_p: float) -> str:
+    """The kernel ``F.scaled_dot_product_attention`` will use for these inputs (PyTorch's dispatcher choice)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, False)).name
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # a torch without the private chooser
+        return "unknown"
 
 
 @register("sdpa")
@@ -23,8 +41,10 @@ class SDPAttention(QKVAttention):
                  qkv_dim: int | None = None, out_bias: bool = True):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         self.dropout = dropout
+        self.backends_used: set[str] = set()
 
     def attend(self, q, k, v, mask):
-        key_mask = mask[:, None, None, :]  # [B, 1, 1, N]; True = attend
+        key_mask = None if bool(mask.all()) else mask[:, None, None, :]  # [B, 1, 1, N]; True = attend
         p = self.dropout if self.training else 0.0
+        self.backends_used.add(sdpa_backend(q, k, v, key_mask, p))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)

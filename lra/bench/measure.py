@@ -168,7 +168,7 @@ def attention_step(spec: dict, device: torch.device, autocast):
         with torch.inference_mode(), autocast():
             run(x, mask)
 
-    return step
+    return step, module
 
 
 def train_step(spec: dict, device: torch.device, autocast):
@@ -194,7 +194,7 @@ def train_step(spec: dict, device: torch.device, autocast):
         scaler.step(optimizer)
         scaler.update()
 
-    return step
+    return step, model
 
 
 def summarise(times_ms: list[float], batch_size: int, seq_len: int) -> dict:
@@ -223,7 +223,7 @@ def measure(spec: dict, release_cache: bool = False) -> dict:
     torch.manual_seed(spec["seed"])
     dtype = DTYPES[spec["precision"]]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    step = (attention_step if spec["mode"] == "attention" else train_step)(spec, device, autocast)
+    step, model = (attention_step if spec["mode"] == "attention" else train_step)(spec, device, autocast)
     for _ in range(spec["warmup"]):
         step()
     timer = CudaTimer() if device.type == "cuda" else WallTimer()
@@ -244,6 +244,8 @@ def measure(spec: dict, release_cache: bool = False) -> dict:
         "memory_method": method,
         **resident,
         "threads": torch.get_num_threads(),
+        **({"sdpa_kernels": kernels} if (kernels := sorted(set().union(
+            *(getattr(m, "backends_used", ()) for m in model.modules())))) else {}),
     }
 
 

@@ -4,9 +4,10 @@ Tokenisation is LRA's (``tfds.deprecated.text.ByteTextEncoder()`` with no additi
 bytes of a review, each mapped to ``byte + 1`` so that id 0 stays free for padding; vocabulary 257. Bytes
 past ``max_len`` are dropped (LRA: ``encode(text)[:max_length]``).
 
-Length: the LRA paper's Text task is "4K" and the Nyströmformer harness used 4000 (padded to 4096),
-which is the default here; the released ``base_tc_config.py`` of LRA says ``max_length = 1000``
-(``task.max_len=1000 data.seq_len=1000`` reproduces that file).
+Length: 1000 bytes by default, as LRA's released ``text_classification/configs/base_tc_config.py``
+(``max_length = 1000``) and the Nyströmformer harness (``LRA/datasets/text.py``: LRA's pipeline with
+``max_length=1000``, padded with 24 zeros to 1024). The LRA paper calls the task "4K"; 4000 bytes padded to 4096
+is the preprocessing of Skyformer's fork of the harness (``task.max_len=4000 data.seq_len=4096``).
 
 Splits: IMDB has 25k train and 25k test reviews and no validation split; LRA validates on the test split
 (``valid_raw = data['test']``), so do the default here (``val_holdout_percent: null``). Setting
