@@ -199,8 +199,21 @@ def test_models_resolve_as_the_training_config_does(tmp_path):
         "  window: ${data.seq_len}\n")
     composed = grid.compose_models(["windowed"], "nystrom", configs)
     options = grid.model_settings(composed["windowed"], 3072)["model"]["options"]
-    assert options == {"dropout": 0.1, "window": 3072}
+    assert options == {"dropout": 0.0, "window": 3072}  # as training resolves it, but the benchmark drops no weights
     assert "windowed" in grid.validate(grid.load_profile("quick", configs), configs)["models"]
+
+
+def test_half_precision_points_run_the_attention_in_half_precision_and_profiles_pick_their_task():
+    composed = grid.compose_models(["transformer"], "nystrom")
+    blocks = grid.model_settings(composed["transformer"], 256)
+    assert blocks["encoder"]["attention_fp32"] is True and blocks["encoder"]["attention_dropout"] == 0.0
+    settings = grid.load_profile("gpu")
+    for precision, fp32 in (("fp32", True), ("bf16", False), ("fp16", False)):
+        spec = grid.point_spec(grid.Point("transformer", "train", precision, 1, 256), blocks, settings, "cuda")
+        assert spec["encoder"]["attention_fp32"] is fp32
+    text = grid.compose_models(["transformer"], "lra", task="text")["transformer"]
+    assert text.task.name == "text" and grid.load_profile("lra-table2")["task"] == "text"
+    assert grid.load_profile("quick")["device"] == "auto"
 
 
 def test_every_model_config_is_benchmarked_and_references_are_added():

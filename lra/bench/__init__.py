@@ -1,6 +1,8 @@
 """Efficiency benchmark: time and peak memory over attention methods x sequence lengths (``lra-bench``).
 
-    lra-bench --profile quick                 # CPU, a few minutes, lengths up to 4K (``make bench PROFILE=quick``)
+    lra-bench --profile quick                 # a few minutes, lengths up to 4K, the GPU where one is (``make bench``)
+    lra-bench --profile gpu                   # the GPU tables: 1K..16K, inference and training, fp32/bf16/fp16
+    lra-bench --profile lra-table2            # LRA Table 2's condition: LRA Text encoder, batch 32, 1K..4K
     lra-bench --profile full                  # every length 1K..16K, fp32/bf16/fp16 on GPU
     lra-bench --profile scaling               # 8192/2048 time and memory ratio per method (linear-cost check)
     lra-bench --models nystromformer --lengths 4096 8192 --modes train
@@ -18,7 +20,10 @@ resolve as in a real run). Modes:
   optimizer settings (the LRA paper's measurement).
 
 Precision ``fp32`` runs as is; ``bf16`` and ``fp16`` (GPU only) run under ``torch.autocast`` (``fp16`` train
-steps with a gradient scaler), and the encoder keeps its attention in fp32 when the protocol says so.
+steps with a gradient scaler), and at those precisions the attention runs in half precision too (a protocol's
+``encoder.attention_fp32`` applies to ``fp32`` points only), so exact attention can reach the fused half-precision
+kernels. No method drops attention weights in the benchmark (attention dropout would send exact attention to
+PyTorch's math kernel); the records name the SDPA kernels that ran (``sdpa_kernels``).
 
 How a point is measured. Every point runs in a fresh Python process (``python -m lra.bench.measure``) so
 that no allocator cache, compiled kernel or memory high-water mark of another point can leak into it. The

@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads per point (torch.set_num_threads)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"))
     p.add_argument("--protocol", help="configs/protocol/<name>.yaml giving the encoder")
+    p.add_argument("--task", help="configs/task/<name>.yaml whose recipe sizes the encoder")
     p.add_argument("--in-process", dest="isolate", action="store_false", default=None,
                    help="run points in this process (no time or memory limit; for debugging)")
     p.add_argument("--results-dir", type=Path, default=Path("results"))

@@ -28,8 +28,8 @@ MODES = ("attention", "train")
 PRECISIONS = ("fp32", "bf16", "fp16")
 REFERENCES = ("softmax", "sdpa")  # attentions every run includes: the ratios are taken against them
 SYNTHETIC = {"vocab_size": 32, "num_classes": 10}  # random token ids and labels of train mode
-SETTINGS = ("device", "protocol", "models", "lengths", "modes", "precisions", "batch_sizes", "warmup", "repeats",
-            "timeout_s", "memory_limit_mb", "compile", "threads", "isolate", "seed", "scaling_checks")
+SETTINGS = ("device", "protocol", "task", "models", "lengths", "modes", "precisions", "batch_sizes", "warmup",
+            "repeats", "timeout_s", "memory_limit_mb", "compile", "threads", "isolate", "seed", "scaling_checks")
 POLL_S = 0.02
 
 
@@ -117,8 +117,9 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def compose_models(models: list[str], protocol: str, configs: Path = CONFIGS) -> dict:
-    """``name -> composed train config`` (``model=<name> protocol=<protocol>``), as ``lra.train`` sees it."""
+def compose_models(models: list[str], protocol: str, configs: Path = CONFIGS, task: str = "listops") -> dict:
+    """``name -> composed train config`` (``model=<name> protocol=<protocol> task=<task>``), as ``lra.train`` sees
+    it: the task's recipe for the protocol sizes the encoder."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -126,10 +127,12 @@ def compose_models(models: list[str], protocol: str, configs: Path = CONFIGS) ->
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(configs.resolve()), version_base="1.3"):
-            return {m: compose("train", overrides=[f"model={m}", f"protocol={protocol}"]) for m in models}
+            return {m: compose("train", overrides=[f"model={m}", f"protocol={protocol}", f"task={task}"])
+                    for m in models}
     except HydraException as err:
-        raise BenchError(f"composing configs/train.yaml with protocol={protocol} failed: {err}. Pick a protocol "
-                         f"from configs/protocol/ (--protocol).") from None
+        raise BenchError(f"composing configs/train.yaml with protocol={protocol} task={task} failed: {err}. "
+                         f"Pick a protocol from configs/protocol/ (--protocol), a task from configs/task/ (--task)."
+                         ) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -286,7 +289,7 @@ def run_grid(profile: str, settings: dict, results_dir: Path, configs: Path = CO
     if models != settings["models"]:
         log(f"[lra-bench] adding the reference model(s) {models[len(settings['models']):]} (ratios need them)")
     settings = {**settings, "models": models}
-    composed = compose_models(models, settings["protocol"], configs)
+    composed = compose_models(models, settings["protocol"], configs, settings["task"])
     points, notes = plan(settings, device)
     for note in notes:
         log(f"[lra-bench] {note}")
