@@ -1,5 +1,8 @@
 """Config resolvers every entry point needs (registered on ``import lra``).
 
+``${run_id:}`` is a short random id drawn once per process: run and sweep folders carry it after their
+timestamp, so two runs started in the same second never share a folder (logs, checkpoints).
+
 ``${quirk:UPSTREAM,FIXED}`` is ``UPSTREAM`` when the run's ``protocol.quirks`` is ``upstream`` and ``FIXED`` when it
 is ``fixed``. A protocol named after a published harness (``nystrom``, ``lra``) sets ``quirks: upstream``, so it
 computes what that code computed, bugs included; ``protocol.quirks=fixed`` runs the same recipe with every
@@ -8,6 +11,8 @@ naming the upstream file); deliberate upstream choices are plain settings.
 """
 
 from __future__ import annotations
+
+import secrets
 
 from omegaconf import OmegaConf
 
@@ -21,5 +26,9 @@ def quirk(upstream, fixed, *, _root_):
     return upstream if mode == "upstream" else fixed
 
 
+RUN_ID = secrets.token_hex(3)
+
 if not OmegaConf.has_resolver("quirk"):
     OmegaConf.register_new_resolver("quirk", quirk)
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", lambda: RUN_ID)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import platform
@@ -104,35 +105,96 @@ def cell_key(config: dict) -> str:
 def finished_record(results_dir: str | Path, protocol: str, task: str, model: str, cell: str) -> dict | None:
     """The first ``ok`` record of ``cell`` (see ``cell_key``), or None."""
     folder = Path(results_dir) / "runs" / protocol / task / model
-    return next((r for r in load_json_records(folder) if r.get("cell") == cell and r.get("status", "ok") == "ok"),
-                None)
+    return next((r for r in load_json_records(folder, RUN_KEYS) if r.get("cell") == cell
+                 and r.get("status", "ok") == "ok"), None)
 
 
-def write_record(results_dir: str | Path, record: dict) -> Path:
-    """Write ``record`` to a new file under ``results_dir/runs``; never replaces an existing file."""
-    folder = Path(results_dir) / "runs" / record["protocol"] / record["task"] / record["model"]
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.get("finished", time.time())))
-    failed = "_failed" if record.get("status") == "failed" else ""
-    path = folder / f"seed{record['seed']}_{stamp}_{secrets.token_hex(3)}{failed}.json"
-    with open(path, "x") as f:
-        json.dump(record, f, indent=1, default=str)
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` all at once: a reader sees the old file or the new one, never half of one (a
+    temporary file in the same folder, flushed to disk, renamed over ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def load_json_records(folder: str | Path) -> list[dict]:
-    """Every ``*.json`` record under ``folder``, in path order, each with its ``_path``."""
+def create_json(path: str | Path, obj) -> Path:
+    """Create ``path`` holding ``obj`` as JSON, complete or not at all, and never over an existing file (the data is
+    written to a temporary file first, then hard-linked to ``path``, which fails if ``path`` exists)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: exclusive creation, written in one go
+            with open(path, "x") as f:
+                f.write(tmp.read_text())
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_record(results_dir: str | Path, record: dict) -> Path:
+    """Write ``record`` to a new file under ``results_dir/runs``, atomically; never replaces an existing file."""
+    folder = Path(results_dir) / "runs" / record["protocol"] / record["task"] / record["model"]
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.get("finished", time.time())))
+    failed = "_failed" if record.get("status") == "failed" else ""
+    return create_json(folder / f"seed{record['seed']}_{stamp}_{secrets.token_hex(3)}{failed}.json", record)
+
+
+SKIPPED: dict[str, str] = {}  # path -> why, for every JSON file the loaders could not use (tables list them)
+
+
+def load_json_records(folder: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Every ``*.json`` record under ``folder``, in path order, each with its ``_path``.
+
+    A file that cannot be read as a JSON object (torn by a kill, foreign, not UTF-8) or lacks a ``required`` key is
+    skipped with a warning naming it (and noted in ``SKIPPED``): one bad file never hides the others.
+    """
     records = []
     for path in sorted(Path(folder).rglob("*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+            missing = [] if isinstance(record, dict) else ["(not a JSON object)"]
+            missing = missing or [k for k in required if k not in record]
+            if missing:
+                raise ValueError(f"not a record of this suite: missing {', '.join(missing)}")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            why = f"{type(err).__name__}: {err}"
+            if SKIPPED.get(str(path)) != why:
+                print(f"[lra] warning: skipping {path}: {why}", file=sys.stderr)
+            SKIPPED[str(path)] = why
+            continue
         record["_path"] = str(path)
         records.append(record)
     return records
 
 
+RUN_KEYS = ("protocol", "task", "model", "seed")
+
+
 def load_records(results_dir: str | Path) -> list[dict]:
-    """The run records under ``results_dir/runs``."""
-    return load_json_records(Path(results_dir) / "runs")
+    """The run records under ``results_dir/runs`` (unreadable or foreign files skipped, see ``load_json_records``)."""
+    return load_json_records(Path(results_dir) / "runs", RUN_KEYS)
 
 
 def task_label(record: dict) -> str:
@@ -160,9 +222,13 @@ def variant_labels(records: list[dict]) -> dict[str, str]:
 
 
 def measured_cells(records: list[dict]) -> dict[tuple, dict]:
-    """``(protocol, row label, task_label) -> {mean, std, n, seeds, records, failed, reasons}``: test accuracy in
-    percent over the ``ok`` runs (``mean`` None when every run failed), and the failed runs' count and reasons. The
-    row label is the model, split by config where runs differ (``variant_labels``)."""
+    """``(protocol, row label, task_label) -> {mean, std, n, seeds, repeats, records, failed, reasons}``: test accuracy
+    in percent over the seeds of the ``ok`` runs (``mean`` None when every run failed), and the failed runs' count
+    and reasons. The row label is the model, split by config where runs differ (``variant_labels``).
+
+    ``n`` is the number of distinct seeds: a seed trained more than once (a repeated sweep, two concurrent sweeps)
+    counts once, by its latest finished run; the other runs of that seed are reported as ``repeats``.
+    """
     labels = variant_labels(records)
     groups = defaultdict(lambda: {"ok": [], "failed": []})
     for r in records:
@@ -173,12 +239,16 @@ def measured_cells(records: list[dict]) -> dict[tuple, dict]:
             groups[key]["failed"].append(r)
     cells = {}
     for key, runs in groups.items():
-        accs = [100 * r["test_acc"] for r in runs["ok"]]
+        latest = {}
+        for r in sorted(runs["ok"], key=lambda r: (r.get("finished") or 0, r["_path"])):
+            latest[r["seed"]] = r
+        accs = [100 * latest[seed]["test_acc"] for seed in sorted(latest)]
         cells[key] = {
             "mean": statistics.fmean(accs) if accs else None,
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "std": statistics.stdev(accs) if len(accs) > 1 else None,
             "n": len(accs),
-            "seeds": sorted(r["seed"] for r in runs["ok"]),
+            "seeds": sorted(latest),
+            "repeats": len(runs["ok"]) - len(latest),
             "records": [r["_path"] for r in runs["ok"] + runs["failed"]],
             "failed": len(runs["failed"]),
             "reasons": sorted({r.get("reason", "unknown") for r in runs["failed"]}),
@@ -187,12 +257,17 @@ def measured_cells(records: list[dict]) -> dict[tuple, dict]:
 
 
 def cell_text(c: dict) -> str:
-    """``71.20 ± 0.40 (n=3)``, ``… (n=2; 1 failed)`` or ``failed: <reason> (1 run)``."""
+    """``71.20 ± 0.40 (n=3)``, ``71.20 (n=1)``, ``… (n=2; +1 repeat; 1 failed: …)`` or ``failed: <reason> (1 run)``."""
     if c["mean"] is None:
         runs = "run" if c["failed"] == 1 else "runs"
         return f"failed: {'; '.join(c['reasons'])} ({c['failed']} {runs})"
-    failed = f"; {c['failed']} failed: {'; '.join(c['reasons'])}" if c["failed"] else ""
-    return f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['n']}{failed})"
+    notes = [f"n={c['n']}"]
+    if c.get("repeats"):
+        notes.append(f"+{c['repeats']} repeat{'s' if c['repeats'] > 1 else ''}")
+    if c["failed"]:
+        notes.append(f"{c['failed']} failed: {'; '.join(c['reasons'])}")
+    spread = f" ± {c['std']:.2f}" if c["std"] is not None else ""
+    return f"{c['mean']:.2f}{spread} ({'; '.join(notes)})"
 
 
 def load_published(path: str | Path) -> list[dict]:
@@ -255,22 +330,28 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None) -> 
         lines += ["## Sources of published figures", ""]
         lines += [f"{i}. {s}" for i, s in enumerate(sources, 1)]
         lines.append("")
-    md = results_dir / "accuracy.md"
-    md.write_text("\n".join(lines))
+    skipped = sorted(path for path in SKIPPED if Path(path).is_relative_to(results_dir / "runs"))
+    if skipped:
+        lines += ["## Files skipped", "", "Under `runs/` but not readable as run records (torn by a kill, foreign, or "
+                  "not UTF-8); they are left in place for you to inspect or delete:", ""]
+        lines += [f"- `{path}`: {SKIPPED[path]}" for path in skipped] + [""]
+    md = write_text_atomic(results_dir / "accuracy.md", "\n".join(lines))
 
     out = results_dir / "accuracy.csv"
-    with open(out, "w", newline="") as f:
+    buffer = io.StringIO()
+    with buffer as f:
         w = csv.writer(f)
         w.writerow(["kind", "protocol", "model", "task", "accuracy_mean", "accuracy_std", "n", "seeds", "failed",
                     "failure_reasons", "source"])
         for (protocol, m, t), c in sorted(cells.items()):
             kind, mean = ("measured", f"{c['mean']:.4f}") if c["mean"] is not None else ("failed", "")
-            w.writerow([kind, protocol, m, t, mean, f"{c['std']:.4f}" if mean else "", c["n"],
+            w.writerow([kind, protocol, m, t, mean, f"{c['std']:.4f}" if c["std"] is not None else "", c["n"],
                         " ".join(map(str, c["seeds"])), c["failed"], "; ".join(c["reasons"]),
                         "; ".join(c["records"])])
         for r in published:
             w.writerow(["published", r["protocol"], r["model"], r["task"], r["accuracy"], "", "", "", "", "",
                         r["source"]])
+        write_text_atomic(out, f.getvalue())
     return md, out
 
 

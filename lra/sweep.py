@@ -44,20 +44,21 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        outcomes = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("outcome.json"))]
+        outcomes = [job_outcome(job) for job in sorted(p.parent for p in sweep_dir.rglob(".hydra"))]
         best = sweep_dir / "optimization_results.yaml"
         if best.is_file():
             print(f"\n[lra] Optuna study {config.hydra.sweeper.study_name} ({config.hydra.sweeper.storage}), "
                   f"best so far ({best}):\n{best.read_text()}")
         if not outcomes:
-            return
+            print(f"\n[lra] sweep {sweep_dir}: no job ran.")
+            sys.exit(1)
         shared = set.intersection(*(set(o.get("overrides", [])) for o in outcomes))  # show what tells jobs apart
         counts: dict[str, int] = {}
         print(f"\n[lra] sweep {sweep_dir}:")
         for o in outcomes:
             counts[o["status"]] = counts.get(o["status"], 0) + 1
             extra = [x for x in o.get("overrides", []) if x not in shared and not x.startswith(NAMED)]
-            cell = f"{o['task']}/{o['model']}/{o['protocol']} seed {o['seed']}"
+            cell = f"{o.get('task', '?')}/{o.get('model', '?')}/{o.get('protocol', '?')} seed {o.get('seed', '?')}"
             cell += f" [{' '.join(extra)}]" if extra else ""
             if o["status"] == "failed":
                 detail = o["reason"] + (f" ({o['record']})" if o.get("record") else "")
@@ -68,6 +69,25 @@ class SweepSummary(Callback):
               + ". Tables: make tables")
         if counts.get("failed"):
             sys.exit(1)
+
+
+def job_outcome(job_dir: Path) -> dict:
+    """A job's ``outcome.json``; a job that wrote none (it stopped before its run could, or the file is unreadable)
+    counts as failed, named by the overrides Hydra saved for it."""
+    try:
+        return json.loads((job_dir / "outcome.json").read_text())
+    except (OSError, ValueError) as err:
+        try:
+            from omegaconf import OmegaConf
+
+            overrides = list(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+        except (OSError, ValueError):
+            overrides = []
+        picked = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.startswith(NAMED)}
+        why = "no outcome.json" if isinstance(err, FileNotFoundError) else f"unreadable outcome.json ({err})"
+        return {"status": "failed", "task": picked.get("task", "?"), "model": picked.get("model", "?"),
+                "protocol": picked.get("protocol", "?"), "seed": picked.get("seed", "?"), "overrides": overrides,
+                "reason": f"{why}: the job stopped before recording its outcome (see {job_dir})"}
 
 
 def _names(group: str, text: str) -> list[str]:

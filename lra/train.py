@@ -31,13 +31,29 @@ from lra.callbacks import RunHistory, StepProgressBar, StepSeed, Throughput
 from lra.data import DataError
 from lra.models import build_model
 from lra.module import LRAModule, NonFiniteLoss
-from lra.results import cell_key, device_name, finished_record, git_state, package_versions, write_record
+from lra.preflight import (
+    CellLock,
+    ConfigError,
+    check_added_keys,
+    check_checkpoint,
+    check_values,
+    check_writable,
+    loads,
+    resolved,
+    usable_checkpoint,
+)
+from lra.results import (
+    cell_key,
+    create_json,
+    device_name,
+    finished_record,
+    git_state,
+    package_versions,
+    write_record,
+    write_text_atomic,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A bad option or path in the composed config; the message names it and the fix."""
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -112,99 +128,179 @@ HINTS = {  # what to try, by failure reason
 }
 
 
+def _overrides() -> list[str]:
+    """The command line's overrides as typed (interpolations left unresolved)."""
+    if not HydraConfig.initialized():
+        return []
+    return list(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
+
+
 def _write_outcome(out_dir: Path, outcome: dict) -> None:
     """``<job dir>/outcome.json``: what this job did (ok | skipped | failed) and its overrides, read by the sweep
     summary."""
-    if HydraConfig.initialized():
-        outcome["overrides"] = list(HydraConfig.get().overrides.task)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "outcome.json").write_text(json.dumps(outcome, indent=1, default=str))
+    outcome["overrides"] = _overrides()
+    write_text_atomic(out_dir / "outcome.json", json.dumps(outcome, indent=1, default=str))
 
 
 def run(cfg: DictConfig) -> dict:
     """Train, test and record one run; returns the record.
 
+    First the preflight (``lra.preflight``): hardware resolved, settings and added keys checked, the config
+    resolved, the record folder writable, the experiment claimed (``resume=true``) and the checkpoint to continue
+    from chosen. A problem found there, a data error or a missing package is not the experiment's failure: it raises
+    with a one-paragraph message and leaves no failure record (only the sweep's ``outcome.json``). A run that fails
+    while training (non-finite loss, out of memory, a crash) writes a failure record (``status: failed`` with the
+    reason, the step reached and the last loadable checkpoint) and re-raises.
+
     The record is written under ``paths.results_dir`` (``record=false``: not written; ``fast_dev_run``: never),
-    by the global rank zero only. A run that fails writes a failure record (``status: failed`` with the reason,
-    the step reached and the last checkpoint) and re-raises. With ``resume=true`` a run whose experiment
-    (``cell_key``) already has a finished record is skipped (that record is returned), and an unfinished one
-    continues from its last checkpoint under ``<paths.log_dir>/cells/``.
+    by the global rank zero only; if that folder cannot be written at the end, next to the checkpoints. With
+    ``resume=true`` a run whose experiment (``cell_key``) already has a finished record is skipped (that record is
+    returned), one that another process is training is skipped too, and an unfinished one continues from its
+    last checkpoint under ``<paths.log_dir>/cells/``. ``ckpt_path=`` continues a run in that checkpoint's folder.
     """
     started = time.time()
     out_dir = _output_dir(cfg)
-    resolve_hardware(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    cell = cell_key(config)
     fast = bool(cfg.trainer.fast_dev_run)
-    ident = {"task": cfg.task.name, "model": cfg.model.name, "protocol": cfg.protocol.name, "seed": int(cfg.seed)}
-    if cfg.resume and not fast:
-        done = finished_record(cfg.paths.results_dir, cfg.protocol.name, cfg.task.name, cfg.model.name, cell)
-        if done is not None:
-            print(f"[lra] {cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}: finished before "
-                  f"(test accuracy {100 * done['test_acc']:.2f}%, {done['_path']}); skipped.")
-            if rank_zero_only.rank == 0:
-                _write_outcome(out_dir, {**ident, "status": "skipped", "cell": cell, "record": done["_path"],
-                                         "val_acc": done.get("val_acc"), "test_acc": done.get("test_acc")})
-            return done
-    ckpt_dir = _cell_dir(cfg, cell) if cfg.resume else out_dir / "checkpoints"
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path is None and cfg.resume and (ckpt_dir / "last.ckpt").is_file():
-        ckpt_path = str(ckpt_dir / "last.ckpt")
-        print(f"[lra] continuing this experiment from {ckpt_path}")
-
-    git = git_state(REPO)  # the code that runs: taken now, not when the run ends
-
-    def provenance() -> dict:  # what every record, finished or failed, says about the run that made it
-        history = state.get("history")  # a resumed run: the time and count of the segments before this one
-        earlier, segments = state.get("segments") or ((history.earlier_s, history.segments) if history else (0.0, 1))
-        return {**ident, "attention": cfg.model.attention, "cell": cell, "resumed_from": ckpt_path,
-                "output_dir": str(out_dir), "wall_time_s": round(earlier + time.time() - started, 2),
-                "segments": segments, "git": git,
-                "versions": package_versions(), "config": config, "finished": time.time()}
-
     state: dict = {}
+    ident = {key.split(".")[0]: OmegaConf.select(cfg, key, default="?", throw_on_resolution_failure=False)
+             for key in ("task.name", "model.name", "protocol.name", "seed")}
+    rank_zero = rank_zero_only.rank == 0
     try:
+        config = resolved(cfg)
+        resolve_hardware(cfg)
+        check_values(cfg)
+        check_added_keys(_overrides())
+        config = resolved(cfg)
+        cell = state["cell"] = cell_key(config)
+        records = Path(cfg.paths.results_dir) / "runs" / cfg.protocol.name / cfg.task.name / cfg.model.name
+        if cfg.record and not fast and rank_zero:
+            check_writable(records)
+        if cfg.resume and not fast:
+            done = _finished(cfg, cell)
+            if done is None and rank_zero:
+                lock = state["lock"] = CellLock(_cell_dir(cfg, cell))
+                if not lock.acquired:
+                    print(f"[lra] {_name(cfg)}: another process is training this experiment ({lock.path}); "
+                          f"skipped.")
+                    _write_outcome(out_dir, {**ident, "status": "skipped", "cell": cell,
+                                             "reason": "running in another process"})
+                    return {"status": "skipped", "reason": "running in another process", **ident}
+                done = _finished(cfg, cell)  # it may have finished while we waited for the claim
+            if done is not None:
+                print(f"[lra] {_name(cfg)}: finished before (test accuracy {100 * done['test_acc']:.2f}%, "
+                      f"{done['_path']}); skipped.")
+                if rank_zero:
+                    _write_outcome(out_dir, {**ident, "status": "skipped", "cell": cell, "record": done["_path"],
+                                             "val_acc": done.get("val_acc"), "test_acc": done.get("test_acc")})
+                return done
+        ckpt_dir, ckpt_path = _checkpoints(cfg, cell, out_dir)
+        git = git_state(REPO)  # the code that runs: taken now, not when the run ends
+
+        def provenance() -> dict:  # what every record, finished or failed, says about the run that made it
+            history = state.get("history")  # a resumed run: the time and count of the segments before this one
+            earlier, segments = state.get("segments") or ((history.earlier_s, history.segments) if history
+                                                          else (0.0, 1))
+            return {**ident, "attention": cfg.model.attention, "cell": cell, "resumed_from": ckpt_path,
+                    "output_dir": str(out_dir), "wall_time_s": round(earlier + time.time() - started, 2),
+                    "segments": segments, "git": git, "versions": package_versions(), "config": config,
+                    "finished": time.time()}
+
         record = {**_fit_and_test(cfg, out_dir, ckpt_dir, ckpt_path, state), **provenance()}
     except Exception as err:
-        trainer, last = state.get("trainer"), ckpt_dir / "last.ckpt"
-        rank_zero = trainer.is_global_zero if trainer is not None else rank_zero_only.rank == 0
-        failure = {
-            "status": "failed", "reason": _failure_reason(err),
-            "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-8),
-            "step": trainer.global_step if trainer is not None else None,
-            "last_checkpoint": str(last) if last.is_file() else None,
-            "data": state["datamodule"].describe_source() if "datamodule" in state else {},
-            "device": device_name(trainer.strategy.root_device) if trainer is not None else None,
-            **provenance(),
-        }
+        trainer = state.get("trainer")
+        rank_zero = trainer.is_global_zero if trainer is not None else rank_zero
         if rank_zero and not fast:
-            path = err.failure_record = write_record(cfg.paths.results_dir, failure) if cfg.record else None
-            _write_outcome(out_dir, {**ident, "status": "failed", "cell": cell, "reason": failure["reason"],
-                                     "record": path})
+            reason, path = _failure_reason(err), None
+            if cfg.record and not isinstance(err, NOT_THE_EXPERIMENT):
+                last = _loadable_last(state.get("ckpt_dir"))
+                failure = {
+                    "status": "failed", "reason": reason,
+                    "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-8),
+                    "step": trainer.global_step if trainer is not None else None,
+                    "last_checkpoint": last,
+                    "data": state["datamodule"].describe_source() if "datamodule" in state else {},
+                    "device": device_name(trainer.strategy.root_device) if trainer is not None else None,
+                    **provenance(),
+                }
+                path = err.failure_record = _save_record(cfg, failure, state)
+            _write_outcome(out_dir, {**ident, "status": "failed", "cell": state.get("cell"), "reason": reason,
+                                     "error": f"{type(err).__name__}: {err}", "record": path})
         raise
+    finally:
+        if "lock" in state:
+            state["lock"].release()
     if state["trainer"].is_global_zero:
-        print(f"[lra] {cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}: test accuracy "
-              f"{100 * record['test_acc']:.2f}% (majority-class rate of this test set: "
-              f"{100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
+        print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
+              f"set: {100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
               f"{record['steps']} steps in {record['wall_time_s']:.0f}s")
     if fast:
         print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
     elif state["trainer"].is_global_zero:
-        path = record["_path"] = write_record(cfg.paths.results_dir, record) if cfg.record else None
-        if path:
-            print(f"[lra] run record: {path}")
+        path = record["_path"] = _save_record(cfg, record, state) if cfg.record else None
         _write_outcome(out_dir, {**ident, "status": "ok", "cell": cell, "record": path,
                                  "val_acc": record["val_acc"], "test_acc": record["test_acc"]})
     return record
 
 
+NOT_THE_EXPERIMENT = (ConfigError, DataError, ImportError)  # no failure record: the run never was the experiment
+
+
+def _name(cfg: DictConfig) -> str:
+    return f"{cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}"
+
+
+def _finished(cfg: DictConfig, cell: str) -> dict | None:
+    return finished_record(cfg.paths.results_dir, cfg.protocol.name, cfg.task.name, cfg.model.name, cell)
+
+
+def _checkpoints(cfg: DictConfig, cell: str, out_dir: Path) -> tuple[Path, str | None]:
+    """Where this run keeps its checkpoints, and the checkpoint it continues from (None: from scratch).
+
+    ``ckpt_path=`` continues in that checkpoint's own folder, so the best-validation checkpoint and score found
+    before the interruption stay in the race; ``resume=true`` uses the experiment's folder under ``cells/``.
+    """
+    if cfg.ckpt_path is not None:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"ckpt_path={path} does not exist. Give the path of a Lightning checkpoint written by a previous "
+                f"run (its <output_dir>/checkpoints/last.ckpt), or drop ckpt_path to start from scratch.")
+        return path.parent, str(path)
+    if not cfg.resume:
+        return out_dir / "checkpoints", None
+    folder = _cell_dir(cfg, cell)
+    path, note = usable_checkpoint(folder)
+    if note:
+        print(f"[lra] {note}")
+    if path is not None:
+        print(f"[lra] continuing this experiment from {path}")
+    return folder, None if path is None else str(path)
+
+
+def _loadable_last(folder: Path | None) -> str | None:
+    """``last.ckpt`` of ``folder`` if it loads (failure records name it as the checkpoint to continue from)."""
+    last = None if folder is None else folder / "last.ckpt"
+    return str(last) if last is not None and last.is_file() and loads(last) is None else None
+
+
+def _save_record(cfg: DictConfig, record: dict, state: dict) -> str:
+    """Write the record under ``paths.results_dir``; if that fails now, next to the checkpoints (said out loud)."""
+    try:
+        path = write_record(cfg.paths.results_dir, record)
+        print(f"[lra] run record: {path}")
+    except OSError as err:
+        folder = state.get("ckpt_dir") or Path(cfg.paths.log_dir)
+        path = create_json(Path(folder) / f"record_{record['status'] if 'status' in record else 'ok'}_"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.json", record)
+        print(f"[lra] could not write the run record under {cfg.paths.results_dir} ({err}); it is kept at {path}. "
+              f"Copy it to {cfg.paths.results_dir}/runs/{record['protocol']}/{record['task']}/{record['model']}/ "
+              f"for the tables.", file=sys.stderr)
+    return str(path)
+
+
 def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict) -> dict:
     """The run itself -> its measurements; ``state`` receives the datamodule and the trainer as they come to exist."""
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} does not exist. Give the path of a Lightning checkpoint written by a "
-            f"previous run (its <output_dir>/checkpoints/last.ckpt), or drop ckpt_path to start from scratch."
-        )
+    state["ckpt_dir"] = ckpt_dir
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
@@ -226,6 +322,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     except (KeyError, TypeError, ValueError) as err:  # unknown attention or option, or a bad option value
         raise ConfigError(f"model={cfg.model.name}: {err.args[0]}") from None
     module = LRAModule(model, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps)
+    if ckpt_path is not None:
+        check_checkpoint(Path(ckpt_path), model)
 
     fast = bool(trainer_cfg.get("fast_dev_run"))
     checkpoint = ModelCheckpoint(  # the best validation accuracy so far (tested at the end)
@@ -235,7 +333,13 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     # last.ckpt at every validation (Lightning's save_last follows only improvements): what a resumed run continues
     latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     throughput, history = Throughput(), state.setdefault("history", RunHistory())
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.logger else False
+    try:
+        logger = hydra.utils.instantiate(cfg.logger) if cfg.logger else False
+    except Exception as err:  # a logger package that is not installed, or a bad logger option
+        cause = err.__cause__ or err
+        raise ConfigError(f"logger {cfg.logger.get('_target_', '?')} could not be created: {type(cause).__name__}: "
+                          f"{cause}. Install its package (pip install -e '.[...]'), or pick another logger "
+                          f"(logger=csv, logger=none).") from None
     trainer = state["trainer"] = L.Trainer(
         **trainer_cfg,
         max_epochs=-1,
