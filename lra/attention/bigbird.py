@@ -24,6 +24,11 @@ Padding: padded keys are masked inside every gathered block, so padding never re
 the "last" global block of a padded sequence is then mostly padding (as in the authors' and Hugging Face
 code). Cost: ``O(N b (w + g + r))`` memory for the sparse rows plus ``O(g b N)`` for the global rows,
 never ``N x N``. ``dropout`` acts on the attention probabilities.
+
+LRA's BigBird (``models/bigbird/``, ``protocol=lra``: recipe_model/lra_bigbird.yaml sets block 64, no dropout
+(its sparse path drops nothing), no biases) differs in what is not reproduced here: its internal padding
+slots count as real keys (a bool mask padded with ``-1e9``), its random blocks come from ``numpy.random.seed(
+hash(module path))`` among the first ``min(N', 1024)/64`` blocks only, and it masks with ``-10000`` biases.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ without mixing weights); ``False`` is the paper's pure Synthesizer.
   (``ignore_dot_product=True``) applies no padding mask at all.
 - Dropout (``dropout``) on the attention probabilities, as LRA.
 - The paper's factorised dense and fixed-random variants are not provided.
+- LRA's runs (``protocol=lra``, recipe_model/lra_synthesizer.yaml): ``variant: random`` with ``dot_product:
+  true`` and no biases (``qkv_dim``/``out_bias`` set the attention width and the output bias).
 
 Memory is ``O(B·H·N²)`` like softmax attention (the logits are an ``N x N`` matrix per head), plus ``H·ℓ²``
 parameters for the unfactorised random variant.
