@@ -1,6 +1,9 @@
-"""Performer (FAVOR+): the random features, convergence to softmax, redrawing, padding, 16k tokens."""
+"""Performer (FAVOR+): the random features, convergence to softmax, redrawing, padding, 16k tokens; the
+Nyströmformer harness's variant and LRA's two variants against float64 references of their formulas."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -113,9 +116,156 @@ def test_padded_sequence_equals_the_unpadded_one():
         torch.testing.assert_close(attn(padded, padded_mask)[:, :40], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_bad_options_are_errors():
-    with pytest.raises(ValueError, match="redraw >= 0"):
-        attention.build("performer", dim=DIM, num_heads=HEADS, redraw=-1)
+@pytest.mark.parametrize(("options", "match"), [({"redraw": -1}, "redraw >= 0"), ({"variant": "x"}, "variant"),
+                                                ({"kernel": "elu"}, "kernel"),
+                                                ({"variant": "harness", "kernel": "relu"}, "softmax kernel"),
+                                                ({"variant": "lra", "redraw": 1}, "leave")])
+def test_bad_options_are_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        attention.build("performer", dim=DIM, num_heads=HEADS, **options)
+
+
+def _qkv(b, n, scale, seed, pad=()):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, HEADS, n, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(b, n, dtype=torch.bool)
+    for i, p in enumerate(pad):
+        mask[i, n - p :] = False
+    return scale * q, scale * k, v, mask
+
+
+def _phi(x, w, eps, c):
+    """``m^(-1/2) (exp(W x − ‖x‖²/2 − c) + ε)``, written out."""
+    return w.shape[0] ** -0.5 * (torch.exp(x @ w.T - x.pow(2).sum(-1, keepdim=True) / 2 - c) + eps)
+
+
+def _harness_reference(q, k, v, mask, w, eps=1e-4):
+    """The Nyströmformer harness's Performer (the facts' A.4 formula) in float64."""
+    s = HEAD_DIM**-0.5
+    keep = mask[:, None, :, None].to(q.dtype)
+    qt, kt = s * q, s * keep * k
+    phi_q = _phi(qt, w, eps, (qt @ w.T).amax(-1, keepdim=True))
+    phi_k = _phi(kt, w, eps, (kt @ w.T).max())  # one scalar over [B, H, N, m], padded (zero) keys included
+    return (phi_q @ (phi_k.transpose(-1, -2) @ (v * keep))) / (phi_q @ phi_k.sum(-2)[..., None])
+
+
+def test_favor_plus_matches_its_formula():
+    """The default: scale d^(-1/4) once, key stabiliser over the real keys of each example and head, padded
+    keys with zero features, eps 1e-6 inside phi, the |R| <= eps guard."""
+    attn = _build(dtype=torch.float64)
+    assert (attn.variant, attn.kernel, attn.eps, attn.redraw) == ("favor_plus", "softmax", 1e-6, 1)
+    q, k, v, mask = _qkv(2, 30, 1.0, seed=9, pad=(11, 0))
+    keep = mask[:, None, :, None].double()
+    v = v * keep
+    w, s = attn.features, HEAD_DIM**-0.25
+    phi_q = _phi(s * q, w, 1e-6, (s * q @ w.T).amax(-1, keepdim=True))
+    key_max = (s * k @ w.T).masked_fill(keep == 0, -torch.inf).amax((-2, -1), keepdim=True)
+    phi_k = _phi(s * k, w, 1e-6, key_max) * keep
+    r = phi_q @ phi_k.sum(-2)[..., None]
+    r = torch.where(r.abs() <= 1e-6, r + 2e-6, r)
+    expected = (phi_q @ (phi_k.transpose(-1, -2) @ v)) / r
+    torch.testing.assert_close(attn.attend(q, k, v, mask), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_harness_variant_matches_the_harness_formula_values_and_gradients():
+    """Large inputs (norm ~3 sqrt(d)): the batch-wide key maximum makes many normalisers tiny, where
+    FAVOR+'s guard would fire; the harness has none, and neither has the variant."""
+    attn = _build(dtype=torch.float64, variant="harness")
+    assert attn.eps == 1e-4 and attn.redraw == 0
+    q, k, v, mask = _qkv(3, 40, 3.0, seed=4, pad=(25, 0, 8))
+    q.requires_grad_(True), k.requires_grad_(True)
+    w = attn.features
+    got = attn.attend(q, k, v * mask[:, None, :, None], mask)
+    expected = _harness_reference(q, k, v, mask, w)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(got.sum(), (q, k))
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k))
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        s = HEAD_DIM**-0.5
+        kt = s * k * mask[:, None, :, None]
+        phi_k = _phi(kt, w, 1e-4, (kt @ w.T).max())
+        normaliser = _phi(s * q, w, 1e-4, (s * q @ w.T).amax(-1, keepdim=True)) @ phi_k.sum(-2)[..., None]
+    assert (normaliser <= 1e-4).float().mean() > 0.3  # the guard would have changed these rows
+
+
+def test_harness_variant_depends_on_padding_and_on_the_batch_as_upstream():
+    attn = _build(dtype=torch.float64, variant="harness")
+    q, k, v, mask = _qkv(2, 32, 1.0, seed=5, pad=(12, 0))
+    v = v * mask[:, None, :, None]
+    both = attn.attend(q, k, v, mask)
+    alone = attn.attend(q[:1], k[:1], v[:1], mask[:1])
+    unpadded = attn.attend(q[:1, :, :20], k[:1, :, :20], v[:1, :, :20], mask[:1, :20])
+    torch.testing.assert_close(alone, _harness_reference(q[:1], k[:1], v[:1], mask[:1], attn.features))
+    assert not torch.allclose(both[:1], alone, rtol=0, atol=1e-9)  # batch-wide stabiliser
+    assert (alone[..., :20, :] - unpadded).abs().max() > 1e-2  # padded keys are zero keys in the normaliser
+
+
+def test_harness_features_are_drawn_once_without_the_qr_sign_fix():
+    attn = _build(seed=3, variant="harness").train()
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.linalg.qr(torch.randn(HEAD_DIM, HEAD_DIM, generator=g))[0].T for _ in range(16)]
+    expected = torch.cat(blocks) * torch.randn(256, HEAD_DIM, generator=g).norm(dim=-1, keepdim=True)
+    attn.redraw_features(torch.Generator().manual_seed(3))
+    torch.testing.assert_close(attn.features, expected, rtol=0, atol=0)
+    x, mask = torch.randn(2, 8, DIM), torch.ones(2, 8, dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(3):
+            attn(x, mask)
+    assert torch.equal(attn.features, expected)  # never redrawn
+
+
+def _module_qkv(attn, x):
+    return (attn.split_heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
+def test_lra_relu_kernel_is_deterministic_relu_linear_attention_without_padding_mask():
+    attn = _build(dtype=torch.float64, variant="lra", kernel="relu", qkv_bias=False, out_bias=False,
+                  qkv_dim=16)
+    assert attn.features is None and attn.eps == 1e-3 and attn.head_dim == 8
+    x = torch.randn(2, 24, DIM, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, 10:] = False
+    with torch.no_grad():
+        q, k, v = _module_qkv(attn, x)  # the values of padded positions are NOT zeroed
+        phi_q, phi_k = torch.relu(q) + 1e-3, torch.relu(k) + 1e-3
+        out = (phi_q @ (phi_k.transpose(-1, -2) @ v)) / (phi_q @ phi_k.sum(-2)[..., None])
+        expected = attn.out_proj(attn.merge_heads(out))
+        torch.testing.assert_close(attn(x, mask), expected, rtol=1e-12, atol=1e-12)
+        assert attn.out_proj.bias is None and attn.q_proj.bias is None
+
+
+def test_relu_kernel_with_padding_masked_is_padding_invariant():
+    attn = _build(kernel="relu")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 30, DIM, generator=g)
+    padded = torch.cat([x, 30 * torch.randn(1, 10, DIM, generator=g)], 1)
+    with torch.no_grad():
+        alone = attn(x, torch.ones(1, 30, dtype=torch.bool))
+        got = attn(padded, F.pad(torch.ones(1, 30, dtype=torch.bool), (0, 10)))[:, :30]
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_lra_softmax_kernel_redraws_from_the_queries_and_keeps_padded_keys():
+    """LRA's ListOps Performer: 2 features, redrawn at every forward (eval too) from the queries' sum, key
+    stabiliser over all keys of an example and head, padded keys and values included, the |R| <= eps guard."""
+    attn = _build(dtype=torch.float64, variant="lra", num_features=2)
+    q, k, v, mask = _qkv(2, 20, 1.0, seed=8, pad=(7, 0))
+    got = attn.attend(q, k, v, mask)
+    w = attn.features.clone()
+    expected_w = gaussian_orthogonal_features(2, HEAD_DIM, sign_fix=False, dtype=torch.float64, generator=
+                                              torch.Generator().manual_seed(math.ceil(q.sum().item() * 1e7)))
+    torch.testing.assert_close(w, expected_w, rtol=0, atol=0)
+    s = HEAD_DIM**-0.25
+    phi_q = _phi(s * q, w, 1e-6, (s * q @ w.T).amax(-1, keepdim=True))
+    phi_k = _phi(s * k, w, 1e-6, (s * k @ w.T).amax((-2, -1), keepdim=True))
+    r = phi_q @ phi_k.sum(-2)[..., None]
+    r = torch.where(r.abs() <= 1e-6, r + 2e-6, r)
+    torch.testing.assert_close(got, (phi_q @ (phi_k.transpose(-1, -2) @ v)) / r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(attn.attend(q, k, v, mask), got, rtol=0, atol=0)  # same batch, same W
+    attn.attend(q[:1], k[:1], v[:1], mask[:1])
+    assert not torch.equal(attn.features, w)  # another batch, another W
 
 
 def test_16k_tokens_finite_and_memory_linear():

@@ -61,10 +61,13 @@ class QKVAttention(AttentionBase):
     With ``fp32_core`` (set by the encoder under ``encoder.attention_fp32``) ``attend`` runs in at least float32
     with autocast off while the projections run in the model's precision, as the Nyströmformer harness does.
     Padded positions of ``v`` are zeroed before ``attend`` so no method can mix them into real outputs by accident;
-    each method is still responsible for keeping padded keys out of its normalisations.
+    each method is still responsible for keeping padded keys out of its normalisations. A variant reproducing an
+    upstream attention that ignores the padding mask altogether (LRA's fast attentions) sets
+    ``zero_padded_values = False`` on its instance.
     """
 
     fp32_core = False  # set by the encoder (``encoder.attention_fp32``): ``attend`` in at least float32
+    zero_padded_values = True  # False: padded positions' values stay as projected (an upstream without masking)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qkv_dim: int | None = None,
                  out_bias: bool = True):
@@ -87,7 +90,8 @@ class QKVAttention(AttentionBase):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q = self.split_heads(self.q_proj(x))
         k = self.split_heads(self.k_proj(x))
-        v = self.split_heads(self.v_proj(x) * mask[..., None].to(x.dtype))
+        v = self.v_proj(x)
+        v = self.split_heads(v * mask[..., None].to(x.dtype) if self.zero_padded_values else v)
         if self.fp32_core:
             out = in_fp32(self.attend, q, k, v, mask=mask)
         else:

@@ -24,6 +24,11 @@ Padding: padded keys are masked inside every gathered block, so padding never re
 the "last" global block of a padded sequence is then mostly padding (as in the authors' and Hugging Face
 code). Cost: ``O(N b (w + g + r))`` memory for the sparse rows plus ``O(g b N)`` for the global rows,
 never ``N x N``. ``dropout`` acts on the attention probabilities.
+
+LRA's BigBird (``models/bigbird/``, ``protocol=lra``: recipe_model/lra_bigbird.yaml sets block 64, no dropout
+(its sparse path drops nothing), no biases) differs in what is not reproduced here: its internal padding
+slots count as real keys (a bool mask padded with ``-1e9``), its random blocks come from ``numpy.random.seed(
+hash(module path))`` among the first ``min(N', 1024)/64`` blocks only, and it masks with ``-10000`` biases.
 """
 
 from __future__ import annotations
@@ -42,12 +47,12 @@ from lra.attention.local import check_positive, joint_softmax, masked_scores, pa
 class BigBirdAttention(QKVAttention):
     """BigBird block-sparse attention (see the module doc). Options: ``block_size`` (64),
     ``num_window_blocks`` (3), ``num_global_blocks`` (2), ``num_random_blocks`` (3), ``seed`` (of the random
-    blocks), ``dropout``, ``qkv_bias``."""
+    blocks), ``dropout``, ``qkv_bias``, ``qkv_dim``, ``out_bias``."""
 
     def __init__(self, dim: int, num_heads: int, block_size: int = 64, num_window_blocks: int = 3,
                  num_global_blocks: int = 2, num_random_blocks: int = 3, seed: int = 0, dropout: float = 0.0,
-                 qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+                 qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_positive("bigbird attention", block_size=block_size, num_window_blocks=num_window_blocks)
         for name, value in (("num_global_blocks", num_global_blocks), ("num_random_blocks", num_random_blocks)):
             if not isinstance(value, int) or value < 0:

@@ -15,6 +15,11 @@ are in neither ``S`` nor ``z``; ``v`` is already zero there (``QKVAttention``).
 
 Harness quirk avoided: the Nyströmformer LRA harness (``attention_linear.py``) returns ``φ(Q)(φ(K)ᵀV)``
 without the normaliser (and scales ``φ`` by ``Dh^-1/4``); here the normaliser is always applied.
+
+LRA's code (``models/linear_transformer/linear_attention.py``, ``protocol=lra``) computes the same ``φ``, sums
+and ``ε`` but never applies the padding mask (an upstream bug: its masking branch builds an unused object) and
+drops no attention weights: ``mask_padding=False`` reproduces that, padded positions' keys and values, as
+projected, entering ``S`` and ``z`` (``zero_padded_values = False``).
 """
 
 from __future__ import annotations
@@ -35,19 +40,24 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 class LinearAttention(QKVAttention):
     """Linear Transformer attention with the ``elu + 1`` feature map and its normaliser (see the module doc).
 
-    Options: ``eps`` (1e-6, added to the normaliser), ``qkv_bias``.
+    Options: ``eps`` (1e-6, added to the normaliser), ``mask_padding`` (True; False: LRA's unmasked sums),
+    ``qkv_bias``, ``qkv_dim``, ``out_bias``.
     """
 
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
-        self.eps = eps
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, mask_padding: bool = True,
+                 qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
+        self.eps, self.mask_padding = eps, mask_padding
+        self.zero_padded_values = mask_padding
 
     def attend(self, q, k, v, mask):
         phi_q = elu_feature_map(q)  # [B, H, N, Dh]
-        phi_k = elu_feature_map(k) * mask[:, None, :, None].to(k.dtype)
+        phi_k = elu_feature_map(k)
+        if self.mask_padding:
+            phi_k = phi_k * mask[:, None, :, None].to(k.dtype)
         kv = phi_k.transpose(-1, -2) @ v  # S: [B, H, Dh, Dh]
         normaliser = phi_q @ phi_k.sum(-2)[..., None]  # φ(q_i)ᵀ z: [B, H, N, 1]
         return (phi_q @ kv) / (normaliser + self.eps)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}"
+        return f"eps={self.eps}, mask_padding={self.mask_padding}"

@@ -19,11 +19,20 @@ Patterns (``pattern``; ``w = window_size``):
   first axis, so ``A(i) = {j : j ≡ i mod N'/w}``: ``w`` tokens strided ``N'/w`` apart, not a contiguous
   block. LRA's padding mask is reshaped the contiguous way, so it does not match these groups (and its
   internal padding counts as real); here only the grouping is reproduced, with correct masking.
+- ``lra_exact``: what LRA's code computes, its bugs included (``protocol=lra``): the strided groups of
+  ``lra_strided``; the internal padding slots are zero keys and values counted as real (LRA pads the inputs
+  with zeros and pads its bool mask with ``-1e9``, i.e. ``True``; with no biases their projections are zero);
+  and the padding mask reshaped contiguously, so in group ``j`` the weight of query slot ``i_q`` on key slot
+  ``i_k`` (positions ``i_q G + j`` and ``i_k G + j``) is allowed iff positions ``j w + i_q`` and ``j w + i_k``
+  are real, which are other tokens. A row with nothing allowed is uniform over its group (LRA's ``-1e10``
+  bias on every entry). Padded positions' values are not zeroed (``zero_padded_values = False``), since such
+  uniform rows read them. Real outputs depend on the padding.
 
-Padding: padded and internally padded keys are excluded from every softmax, so a real position's output
-never depends on the padding. A padded query whose allowed keys are all padding gets uniform weights
-over zero values (never read). ``blocks`` with ``w >= N`` and ``sliding`` with ``w >= 2N`` are exact
-softmax attention (tested). ``dropout`` acts on the attention probabilities (LRA: ``attention_dropout_rate``).
+Padding (every pattern but ``lra_exact``): padded and internally padded keys are excluded from every
+softmax, so a real position's output never depends on the padding. A padded query whose allowed keys are all
+padding gets uniform weights over zero values (never read). ``blocks`` with ``w >= N`` and ``sliding`` with
+``w >= 2N`` are exact softmax attention (tested). ``dropout`` acts on the attention probabilities (LRA:
+``attention_dropout_rate``).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from torch import nn
 from lra.attention import register
 from lra.attention.base import QKVAttention
 
-PATTERNS = ("blocks", "sliding", "lra_strided")
+PATTERNS = ("blocks", "sliding", "lra_strided", "lra_exact")
 WINDOW_CHUNK = 64  # query chunk of the sliding window: changes speed and memory, never the result
 
 
@@ -132,16 +141,18 @@ def unchunk(out: torch.Tensor, n: int) -> torch.Tensor:
 @register("local")
 class LocalAttention(QKVAttention):
     """Local attention (see the module doc). Options: ``window_size`` (50, LRA's ``block_size``),
-    ``pattern`` (``blocks`` | ``sliding`` | ``lra_strided``), ``dropout``, ``qkv_bias``."""
+    ``pattern`` (``blocks`` | ``sliding`` | ``lra_strided`` | ``lra_exact``), ``dropout``, ``qkv_bias``,
+    ``qkv_dim``, ``out_bias``."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 50, pattern: str = "blocks",
-                 dropout: float = 0.0, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+                 dropout: float = 0.0, qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_positive("local attention", window_size=window_size)
         if pattern not in PATTERNS:
             raise ValueError(f"local attention: option pattern must be one of {PATTERNS}, got {pattern!r}. "
                              f"Fix it in configs/model/local.yaml or on the command line.")
         self.window_size, self.pattern = window_size, pattern
+        self.zero_padded_values = pattern != "lra_exact"
         self.dropout = nn.Dropout(dropout)
 
     def attend(self, q, k, v, mask):
@@ -153,6 +164,13 @@ class LocalAttention(QKVAttention):
             return unchunk(joint_softmax([(scores, values)], self.dropout), n)
         groups = n // w + 1  # lra_strided: LRA pads to w * (n // w + 1) and groups i ≡ j mod groups
         b, h, _, d = q.shape
+        if self.pattern == "lra_exact":
+            q, k, v = (pad_sequence(t, groups * w).view(b, h, w, groups, d).transpose(2, 3) for t in (q, k, v))
+            contiguous = pad_sequence(mask, groups * w, dim=1, value=True).view(b, 1, groups, w)  # LRA's mask
+            allowed = contiguous[..., :, None] & contiguous[..., None, :]  # [B, 1, G, w, w]
+            scores = masked_scores(q @ k.transpose(-1, -2) * d**-0.5, allowed)  # [B, H, G, w, w]
+            out = joint_softmax([(scores, v)], self.dropout)
+            return out.transpose(2, 3).reshape(b, h, groups * w, d)[:, :, :n]
         q, k, v = (pad_sequence(t, groups * w).view(b, h, w, groups, d).transpose(2, 3) for t in (q, k, v))
         keep = pad_sequence(mask, groups * w, dim=1, value=False).view(b, w, groups).transpose(1, 2)
         out = block_attention(*(t.reshape(b, h, groups * w, d) for t in (q, k, v)),

@@ -17,6 +17,8 @@ projections ``Q_g, K_g, V_g`` (``q_global_proj``, ``k_global_proj``, ``v_global_
 does; the non-global rows use the ordinary ``K, V`` for the global keys too. ``False`` uses ``Q, K, V``
 everywhere (the module then has exactly ``softmax``'s parameters). LRA's runs passed no global mask at
 all (``global_mask=None``), i.e. ``num_global: 0``; the default here makes the first token global.
+LRA's Longformer (``protocol=lra``, recipe_model/lra_longformer.yaml) is ``num_global: 0`` with
+``global_projections: false`` (LRA's global projections exist but never reach the output), no biases.
 Dilated windows and the autoregressive variant are not implemented (as in LRA and the Hugging Face port).
 
 Cost: the window is computed on query chunks (``lra.attention.local.window_parts``) and the global rows
@@ -40,20 +42,21 @@ from lra.attention.local import check_positive, joint_softmax, masked_scores, un
 class LongformerAttention(QKVAttention):
     """Longformer attention (see the module doc). Options: ``window_size`` (512: LRA's
     ``sliding_window_size``), ``num_global`` (first tokens that are global; 1), ``global_projections``
-    (separate ``Q_g, K_g, V_g`` for the global rows; True), ``dropout``, ``qkv_bias``."""
+    (separate ``Q_g, K_g, V_g`` for the global rows; True), ``dropout``, ``qkv_bias``, ``qkv_dim``, ``out_bias``."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 512, num_global: int = 1,
-                 global_projections: bool = True, dropout: float = 0.0, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+                 global_projections: bool = True, dropout: float = 0.0, qkv_bias: bool = True,
+                 qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_positive("longformer attention", window_size=window_size)
         if not isinstance(num_global, int) or num_global < 0:
             raise ValueError(f"longformer attention: option num_global must be an integer >= 0, got {num_global!r}. "
                              f"Fix it in configs/model/longformer.yaml or on the command line.")
         self.window_size, self.num_global = window_size, num_global
         if global_projections:
-            self.q_global_proj = nn.Linear(dim, dim, bias=qkv_bias)
-            self.k_global_proj = nn.Linear(dim, dim, bias=qkv_bias)
-            self.v_global_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.q_global_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+            self.k_global_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+            self.v_global_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
         self.global_projections = global_projections
         self.dropout = nn.Dropout(dropout)
 

@@ -11,19 +11,17 @@ inputs scaled once, ``x̂ = x · d^(-1/4)`` (so ``q̂·k̂ = q·k/√d``), and r
 Shapes: ``q, k, v: [B, H, N, Dh]`` -> ``[B, H, N, Dh]``; features ``[B, H, N, m]``. Cost ``O(N·m·Dh)`` time,
 ``O(N·m)`` memory; no ``N x N`` matrix.
 
-As the authors' code (google-research ``performer/fast_attention/jax/fast_attention.py``, the
-``make_fast_softmax_attention`` defaults): ``m = num_features`` (256); orthogonal random features
-(``orthogonal=True``): ``⌈m/d⌉`` independent blocks of ``d`` orthonormal rows, each row then scaled by the
-norm of an independent ``N(0, I_d)`` vector so that every row is marginally Gaussian (their ``scaling=0``);
-``orthogonal=False`` draws i.i.d. Gaussian rows. One ``W`` per module, shared by its heads. The numerical
-stabiliser ``c`` is, for a query, the maximum of ``W q̂`` over its features and, for the keys, the maximum
-over all (real) keys and features of one example and head; ``ε = eps`` (1e-6, their
-``numerical_stabilizer``) is added inside ``φ``; a normaliser ``R`` with ``|R| ≤ ε`` is replaced by
-``R + 2ε``. ``c`` is a factor shared by all of a query's features (resp. all of an example's key
-features), so it cancels between numerator and normaliser (up to ``ε``) and is treated as a constant (no
-gradient through it).
-
-Choices and differences:
+``variant="favor_plus"`` (default; the correct FAVOR+), as the authors' code (google-research
+``performer/fast_attention/jax/fast_attention.py``, the ``make_fast_softmax_attention`` defaults):
+``m = num_features`` (256); orthogonal random features (``orthogonal=True``): ``⌈m/d⌉`` independent blocks of
+``d`` orthonormal rows, each row then scaled by the norm of an independent ``N(0, I_d)`` vector so that every
+row is marginally Gaussian (their ``scaling=0``); ``orthogonal=False`` draws i.i.d. Gaussian rows. One ``W``
+per module, shared by its heads. The numerical stabiliser ``c`` is, for a query, the maximum of ``W q̂`` over
+its features and, for the keys, the maximum over all (real) keys and features of one example and head;
+``ε = eps`` (1e-6, their ``numerical_stabilizer``) is added inside ``φ``; a normaliser ``R`` with ``|R| ≤ ε``
+is replaced by ``R + 2ε``. ``c`` is a factor shared by all of a query's features (resp. all of an example's
+key features), so it cancels between numerator and normaliser (up to ``ε``) and is treated as a constant (no
+gradient through it). Choices and differences from the authors' code:
 
 - Orthogonal blocks come from the QR decomposition of a Gaussian matrix with the signs of ``diag(R)``
   folded into ``Q``, which makes each block exactly Haar-distributed (the authors' code omits the sign
@@ -37,9 +35,43 @@ Choices and differences:
 - Padding: the keys' stabiliser is taken over real keys only and ``φ(k̂)`` is zeroed at padded keys, so
   padded keys are in neither sum; ``v`` is already zero there (``QKVAttention``).
 
-Harness quirks avoided: the Nyströmformer/Skyformer LRA harnesses scale ``q, k`` by ``d^(-1/4)`` before
-lucidrains' ``FastAttention``, which scales again (an estimate of ``exp(q·k/d)``, not ``exp(q·k/√d)``),
-take the keys' stabiliser over the whole batch, and never redraw. Here the scaling is applied once.
+``variant="harness"`` reproduces the Nyströmformer PyTorch harness (mlpen/Nystromformer
+``LRA/code/attention_performer.py`` around lucidrains' performer-pytorch 0.15.0 ``FastAttention``; the
+Skyformer repository vendors the same code), selected by ``protocol=nystrom``. It computes, with
+``s = d^(-1/2)``, ``ε = 1e-4`` and ``mask`` the real tokens::
+
+    q̃ = s·q        k̃ = s·mask·k                                  (padded keys become zero vectors)
+    φq = m^(-1/2) (exp(W q̃ − ‖q̃‖²/2 − max_features(W q̃)) + ε)
+    φk = m^(-1/2) (exp(W k̃ − ‖k̃‖²/2 − M) + ε),  M = max of W k̃ over the whole [B, H, N, m] tensor
+    out = φq (φkᵀ v) / (φq · Σ_{all N} φk)                          (no guard on the normaliser)
+
+Its upstream bugs, all reproduced by this variant: (1) the inputs are scaled by ``d^(-1/4)`` twice (the
+harness, then FastAttention), so the estimate is of ``exp(q·k/d)``, not ``exp(q·k/√d)``; (2) padded keys are
+zero keys, not masked: each adds ``m^(-1/2)(e^(−M) + ε)·1`` to the normaliser (≈ one extra key of logit 0 and
+value 0), so real outputs depend on how much padding an example has; (3) the key stabiliser ``M`` is one
+scalar over the whole micro-batch, coupling the examples through ``ε`` and the padded keys. Its other
+settings: ``ε = 1e-4``, no normaliser guard, ``W`` drawn once at construction and never redrawn
+(``redraw = 0``: FastAttention ≥ 0.14.0 never redraws itself), QR blocks without the sign fix (``W`` is not
+isotropic), the two maxima not detached (gradient flows through them, as upstream).
+
+``variant="lra"`` and ``kernel="relu"`` reproduce the original LRA code
+(google-research/long-range-arena ``models/performer/performer_attention.py``), selected by ``protocol=lra``:
+
+- ``kernel="relu"`` (LRA's default ``attention_fn_cls='generalized'`` = ``make_fast_generalized_attention``
+  with ``features_type='deterministic'``): no random features at all, ``φ(x) = relu(x) + ε`` on the raw
+  (unscaled) ``q, k`` with ``ε = 1e-3`` (``kernel_epsilon``), ``out = φq (φkᵀ v) / (φq · Σ φk)`` with no
+  guard (``numerical_stabilizer=0``). ``num_features``/``orthogonal``/``redraw`` do not apply. This is a
+  linear attention with ReLU features, not a softmax estimate; LRA uses it on Text, Retrieval, Image and
+  Pathfinder. With ``variant="favor_plus"`` the same kernel is computed with padded keys masked.
+- ``kernel="softmax"`` with ``variant="lra"`` (LRA's ListOps ``performer_base.py``: ``make_fast_softmax_
+  attention`` with ``nb_features=2``): FAVOR+ as above with ``ε = 1e-6`` and the ``|R| ≤ ε`` guard, but the
+  key stabiliser is the maximum over *all* keys of an example and head, the maxima are not detached, the QR
+  blocks have no sign fix, and ``W`` is redrawn at every forward, training and evaluation alike, from a
+  generator seeded by ``⌈Σ q · 1e7⌉`` (the whole batch's queries; LRA seeds JAX's ``PRNGKey`` with that
+  number, so its draws are a function of the batch, but not these draws). ``redraw`` must be left unset.
+- Both LRA variants ignore the padding mask (upstream bug: the fast attention functions drop the ``bias``
+  argument that carries it): padded positions are keys with their projected keys *and values*
+  (``zero_padded_values = False``), so real outputs depend on the padding.
 """
 
 from __future__ import annotations
@@ -51,83 +83,157 @@ import torch
 from lra.attention import register
 from lra.attention.base import QKVAttention
 
+VARIANTS = ("favor_plus", "harness", "lra")
+KERNELS = ("softmax", "relu")
+# per variant: (eps of the softmax kernel, redraw), and the relu kernel's eps (LRA's kernel_epsilon)
+_SOFTMAX_DEFAULTS = {"favor_plus": (1e-6, 1), "harness": (1e-4, 0), "lra": (1e-6, None)}
+_RELU_EPS = 1e-3
+_CONFIG = "configs/model/performer.yaml (or the `model.options.*` override)"
+
 
 def gaussian_orthogonal_features(num_features: int, dim: int, orthogonal: bool = True, *,
+                                 sign_fix: bool = True, generator: torch.Generator | None = None,
                                  dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Random projection ``W: [num_features, dim]`` with marginally ``N(0, I_dim)`` rows (see the module doc).
 
-    ``orthogonal``: rows within each block of ``dim`` are exactly orthogonal (QR of a Gaussian block, sign
-    fixed so the block is Haar-distributed), then scaled by chi-distributed norms; otherwise i.i.d. rows.
+    ``orthogonal``: rows within each block of ``dim`` are exactly orthogonal (QR of a Gaussian block, with
+    ``sign_fix`` the signs of ``diag(R)`` folded in so the block is Haar-distributed), then scaled by
+    chi-distributed norms; otherwise i.i.d. rows. ``generator``: draw on the CPU from it (then move to
+    ``device``) instead of from the global RNG on ``device``.
     """
+    draw_device = "cpu" if generator is not None else device
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=draw_device, generator=generator)
+
     if not orthogonal:
-        return torch.randn(num_features, dim, dtype=dtype, device=device)
+        return randn(num_features, dim).to(device)
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
-        q, r = torch.linalg.qr(torch.randn(dim, dim, dtype=dtype, device=device))
-        blocks.append((q * torch.sign(torch.diagonal(r))).T)  # rows orthonormal
-    norms = torch.randn(num_features, dim, dtype=dtype, device=device).norm(dim=-1, keepdim=True)
-    return torch.cat(blocks)[:num_features] * norms
+        q, r = torch.linalg.qr(randn(dim, dim))
+        blocks.append((q * torch.sign(torch.diagonal(r)) if sign_fix else q).T)  # rows orthonormal
+    norms = randn(num_features, dim).norm(dim=-1, keepdim=True)
+    return (torch.cat(blocks)[:num_features] * norms).to(device)
 
 
 def positive_random_features(x: torch.Tensor, projection: torch.Tensor, eps: float,
-                             keep: torch.Tensor | None = None) -> torch.Tensor:
-    """FAVOR+ features ``φ(x̂)`` of ``x: [B, H, N, d]`` (already scaled by ``d^(-1/4)``) -> ``[B, H, N, m]``.
+                             keep: torch.Tensor | None = None, *, stabiliser: str | None = None,
+                             detach: bool = True) -> torch.Tensor:
+    """FAVOR+ features ``φ(x̂)`` of ``x: [B, H, N, d]`` (already scaled) -> ``[B, H, N, m]``.
 
-    ``keep: [B, N]`` marks real keys: the stabiliser is then the maximum over the real keys of each example
-    and head, and padded keys get zero features. ``keep=None`` (queries): per-row maximum.
+    ``stabiliser`` (the constant ``c`` in ``exp(W x̂ − ‖x̂‖²/2 − c)``): ``row`` (the maximum over the features
+    of each row; queries), ``real_keys`` (over the real keys, ``keep: [B, N]``, and features of each example
+    and head; padded keys then get zero features), ``example`` (over all keys and features of each example
+    and head), ``batch`` (one maximum over the whole tensor). Default: ``row`` without ``keep``,
+    ``real_keys`` with it. ``detach``: no gradient through ``c``.
     """
+    stabiliser = stabiliser or ("row" if keep is None else "real_keys")
     proj = x @ projection.T  # W x̂: [B, H, N, m]
-    if keep is None:
-        stabiliser = proj.detach().amax(-1, keepdim=True)
-    else:
-        real = keep[:, None, :, None]
-        stabiliser = proj.detach().masked_fill(~real, -torch.inf).amax((-2, -1), keepdim=True)
-        stabiliser = torch.nan_to_num(stabiliser, neginf=0.0)  # an example without real keys
+    source = proj.detach() if detach else proj
+    if stabiliser == "row":
+        c = source.amax(-1, keepdim=True)
+    elif stabiliser == "real_keys":
+        c = source.masked_fill(~keep[:, None, :, None], -torch.inf).amax((-2, -1), keepdim=True)
+        c = torch.nan_to_num(c, neginf=0.0)  # an example without real keys
+    elif stabiliser == "example":
+        c = source.amax((-2, -1), keepdim=True)
+    else:  # batch
+        c = source.amax()
     # m^(-1/2) (exp(a) + ε) = exp(a − log √m) + ε / √m, one fewer [B, H, N, m] temporary
     log_ratio = 0.5 * math.log(projection.shape[0])
-    offset = x.pow(2).sum(-1, keepdim=True) / 2 + stabiliser + log_ratio
+    offset = x.pow(2).sum(-1, keepdim=True) / 2 + c + log_ratio
     features = torch.exp(proj - offset) + eps * math.exp(-log_ratio)
-    return features if keep is None else features * keep[:, None, :, None].to(features.dtype)
+    return features * keep[:, None, :, None].to(features.dtype) if stabiliser == "real_keys" else features
 
 
 @register("performer")
 class PerformerAttention(QKVAttention):
-    """FAVOR+ attention with positive orthogonal random features (see the module doc).
+    """FAVOR+ attention with positive orthogonal random features, and the LRA harnesses' variants (module doc).
 
-    Options: ``num_features`` (256), ``orthogonal`` (True), ``redraw`` (1: training forwards between fresh
-    features; 0: never), ``eps`` (1e-6), ``qkv_bias``.
+    Options: ``num_features`` (256), ``orthogonal`` (True), ``redraw`` (training forwards between fresh
+    features, 0: never; None: the variant's, favor_plus 1, harness 0), ``eps`` (None: the variant's, 1e-6,
+    harness 1e-4, relu kernel 1e-3), ``variant`` (``favor_plus`` | ``harness`` | ``lra``), ``kernel``
+    (``softmax`` | ``relu``), ``qkv_bias``, ``qkv_dim``, ``out_bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_features: int = 256, orthogonal: bool = True,
-                 redraw: int = 1, eps: float = 1e-6, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
-        if num_features < 1 or redraw < 0:
+                 redraw: int | None = None, eps: float | None = None, variant: str = "favor_plus",
+                 kernel: str = "softmax", qkv_bias: bool = True, qkv_dim: int | None = None,
+                 out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
+        if variant not in VARIANTS or kernel not in KERNELS:
+            raise ValueError(f"performer: variant must be one of {VARIANTS} and kernel one of {KERNELS}, got "
+                             f"variant={variant!r}, kernel={kernel!r}; fix {_CONFIG}")
+        if kernel == "relu" and variant == "harness":
+            raise ValueError(f"performer: the harness variant has the softmax kernel only (its kernel_fn is "
+                             f"ignored upstream); fix {_CONFIG}")
+        if variant == "lra" and kernel == "softmax" and redraw is not None:
+            raise ValueError(f"performer: variant lra redraws at every forward from the queries' sum; leave "
+                             f"redraw unset (null); fix {_CONFIG}")
+        default_eps, default_redraw = _SOFTMAX_DEFAULTS[variant]
+        redraw = default_redraw if redraw is None else redraw
+        if num_features < 1 or (redraw is not None and redraw < 0):
             raise ValueError(f"performer: num_features must be >= 1 and redraw >= 0 (0 = never), got "
-                             f"num_features={num_features}, redraw={redraw}; fix configs/model/performer.yaml")
-        self.num_features, self.orthogonal, self.redraw, self.eps = num_features, orthogonal, redraw, eps
-        self.register_buffer("features", gaussian_orthogonal_features(num_features, self.head_dim, orthogonal))
+                             f"num_features={num_features}, redraw={redraw}; fix {_CONFIG}")
+        self.variant, self.kernel = variant, kernel
+        self.eps = eps if eps is not None else (_RELU_EPS if kernel == "relu" else default_eps)
+        self.num_features, self.orthogonal, self.redraw = num_features, orthogonal, redraw
+        self.sign_fix = variant == "favor_plus"  # the harness's and LRA's QR blocks have no sign fix
+        self.zero_padded_values = variant != "lra"  # LRA's fast attention ignores the padding mask
+        if kernel == "softmax":
+            self.register_buffer("features", gaussian_orthogonal_features(
+                num_features, self.head_dim, orthogonal, sign_fix=self.sign_fix))
+        else:  # deterministic features: no projection
+            self.register_buffer("features", None)
         self.training_forwards = 0
 
     @torch.no_grad()
-    def redraw_features(self) -> None:
-        """Replace ``W`` in place with a fresh draw from the global torch RNG (drawn in float32 at least)."""
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Replace ``W`` in place with a fresh draw (from ``generator``, else the global torch RNG; float32 at
+        least)."""
         w = self.features
         dtype = torch.promote_types(w.dtype, torch.float32)  # no QR in half precision
-        w.copy_(gaussian_orthogonal_features(*w.shape, self.orthogonal, dtype=dtype, device=w.device))
+        w.copy_(gaussian_orthogonal_features(*w.shape, self.orthogonal, sign_fix=self.sign_fix,
+                                             generator=generator, dtype=dtype, device=w.device))
 
     def attend(self, q, k, v, mask):
-        if self.training and self.redraw:
+        if self.kernel == "relu":
+            return self._relu_kernel(q, k, v, mask)
+        if self.variant == "lra":  # a fresh W at every forward, seeded by the batch's queries
+            seed = math.ceil(q.detach().double().sum().item() * 1e7) % 2**63
+            self.redraw_features(torch.Generator().manual_seed(seed))
+        elif self.training and self.redraw:
             if self.training_forwards and self.training_forwards % self.redraw == 0:
                 self.redraw_features()
             self.training_forwards += 1
-        scale = self.head_dim ** -0.25  # applied once: q̂·k̂ = q·k/√d
         w = self.features.to(q.dtype)
-        phi_q = positive_random_features(q * scale, w, self.eps)  # [B, H, N, m]
-        phi_k = positive_random_features(k * scale, w, self.eps, keep=mask)
+        if self.variant == "harness":
+            scale = self.head_dim ** -0.5  # d^(-1/4) twice (upstream bug 1)
+            keys = k * mask[:, None, :, None].to(k.dtype) * scale  # padded keys = zero keys (bug 2)
+            phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=False)
+            phi_k = positive_random_features(keys, w, self.eps, stabiliser="batch", detach=False)  # (bug 3)
+            return (phi_q @ (phi_k.transpose(-1, -2) @ v)) / (phi_q @ phi_k.sum(-2)[..., None])
+        scale = self.head_dim ** -0.25  # applied once: q̂·k̂ = q·k/√d
+        lra = self.variant == "lra"
+        phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=not lra)
+        if lra:  # every key, padded ones included, in the stabiliser and the sums
+            phi_k = positive_random_features(k * scale, w, self.eps, stabiliser="example", detach=False)
+        else:
+            phi_k = positive_random_features(k * scale, w, self.eps, keep=mask)
         kv = phi_k.transpose(-1, -2) @ v  # [B, H, m, Dh]
         normaliser = phi_q @ phi_k.sum(-2)[..., None]  # [B, H, N, 1]
         normaliser = torch.where(normaliser.abs() <= self.eps, normaliser + 2 * self.eps, normaliser)
         return (phi_q @ kv) / normaliser
 
+    def _relu_kernel(self, q, k, v, mask):
+        """Deterministic generalized attention ``φ(x) = relu(x) + ε`` (LRA's default Performer)."""
+        phi_q, phi_k = torch.relu(q) + self.eps, torch.relu(k) + self.eps
+        if self.variant == "lra":  # LRA: no padding mask, no guard
+            return (phi_q @ (phi_k.transpose(-1, -2) @ v)) / (phi_q @ phi_k.sum(-2)[..., None])
+        phi_k = phi_k * mask[:, None, :, None].to(phi_k.dtype)
+        normaliser = (phi_q @ phi_k.sum(-2)[..., None]).clamp_min(torch.finfo(phi_q.dtype).tiny)
+        return (phi_q @ (phi_k.transpose(-1, -2) @ v)) / normaliser
+
     def extra_repr(self) -> str:
-        return f"num_features={self.num_features}, orthogonal={self.orthogonal}, redraw={self.redraw}"
+        return (f"variant={self.variant}, kernel={self.kernel}, num_features={self.num_features}, "
+                f"orthogonal={self.orthogonal}, redraw={self.redraw}, eps={self.eps}")

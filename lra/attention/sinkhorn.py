@@ -73,12 +73,13 @@ class SinkhornAttention(QKVAttention):
     """Sparse Sinkhorn attention (see the module doc). Options: ``seq_len`` (longest input; the sorting
     network has ``⌈seq_len / block_size⌉`` outputs), ``block_size`` (50), ``sinkhorn_iterations`` (7),
     ``temperature`` (0.75), ``gumbel_noise`` (in training; True), ``combine`` (``sum`` | ``joint``),
-    ``dropout``, ``qkv_bias``."""
+    ``dropout``, ``qkv_bias``, ``qkv_dim``, ``out_bias``."""
 
     def __init__(self, dim: int, num_heads: int, seq_len: int = 4096, block_size: int = 50,
                  sinkhorn_iterations: int = 7, temperature: float = 0.75, gumbel_noise: bool = True,
-                 combine: str = "sum", dropout: float = 0.0, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+                 combine: str = "sum", dropout: float = 0.0, qkv_bias: bool = True, qkv_dim: int | None = None,
+                 out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_positive("sinkhorn attention", seq_len=seq_len, block_size=block_size,
                        sinkhorn_iterations=sinkhorn_iterations)
         if combine not in COMBINES:

@@ -28,6 +28,8 @@ without mixing weights); ``False`` is the paper's pure Synthesizer.
   (``ignore_dot_product=True``) applies no padding mask at all.
 - Dropout (``dropout``) on the attention probabilities, as LRA.
 - The paper's factorised dense and fixed-random variants are not provided.
+- LRA's runs (``protocol=lra``, recipe_model/lra_synthesizer.yaml): ``variant: random`` with ``dot_product:
+  true`` and no biases (``qkv_dim``/``out_bias`` set the attention width and the output bias).
 
 Memory is ``O(B·H·N²)`` like softmax attention (the logits are an ``N x N`` matrix per head), plus ``H·ℓ²``
 parameters for the unfactorised random variant.
@@ -60,7 +62,8 @@ class SynthesizerAttention(AttentionBase):
 
     Options: ``seq_len`` (4096, as Linformer; the model config sets ``${data.seq_len}``), ``variant`` (``random`` |
     ``dense``), ``factor_rank`` (None: a full ``ℓ x ℓ`` matrix; k: ``R1 R2``, random only), ``dot_product``
-    (False), ``dropout``, ``qkv_bias`` (bias of ``v_proj``, and of ``q_proj``/``k_proj`` with ``dot_product``).
+    (False), ``dropout``, ``qkv_bias`` (bias of ``v_proj``, and of ``q_proj``/``k_proj`` with ``dot_product``),
+    ``qkv_dim`` (attention width, default ``dim``), ``out_bias``.
     """
 
     split_heads = QKVAttention.split_heads
@@ -68,8 +71,8 @@ class SynthesizerAttention(AttentionBase):
 
     def __init__(self, dim: int, num_heads: int, seq_len: int = 4096, variant: str = "random",
                  factor_rank: int | None = None, dot_product: bool = False, dropout: float = 0.0,
-                 qkv_bias: bool = True):
-        super().__init__(dim, num_heads)
+                 qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, inner_dim=qkv_dim)
         if variant not in VARIANTS or seq_len < 1 or (factor_rank is not None and
                                                        (variant != "random" or factor_rank < 1)):
             raise ValueError(
@@ -79,7 +82,7 @@ class SynthesizerAttention(AttentionBase):
         self.seq_len, self.variant, self.factor_rank, self.dot_product = seq_len, variant, factor_rank, dot_product
         heads, head_dim = num_heads, self.head_dim
         if variant == "dense":
-            self.dense_hidden = nn.Linear(dim, dim)
+            self.dense_hidden = nn.Linear(dim, self.inner_dim)
             bound = head_dim**-0.5
             self.dense_logits_weight = nn.Parameter(torch.empty(heads, head_dim, seq_len).uniform_(-bound, bound))
             self.dense_logits_bias = nn.Parameter(torch.empty(heads, seq_len).uniform_(-bound, bound))
@@ -89,10 +92,10 @@ class SynthesizerAttention(AttentionBase):
             self.random_left = nn.Parameter(xavier_uniform(heads, seq_len, factor_rank))
             self.random_right = nn.Parameter(xavier_uniform(heads, factor_rank, seq_len))
         if dot_product:
-            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-            self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(dim, dim)
+            self.q_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(self.inner_dim, dim, bias=out_bias)
         self.dropout = nn.Dropout(dropout)
 
     def synthetic_logits(self, x: torch.Tensor) -> torch.Tensor:

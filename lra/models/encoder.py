@@ -128,6 +128,10 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_dim, dropout, attention_name, options, attention_fp32) for _ in range(depth)
         )
+        for name in getattr(self.blocks[0].attention, "layer_shared_parameters", ()):
+            # an attention's parameters shared by all layers (Linformer's share_layers): one tensor, tied here
+            for block in self.blocks[1:]:
+                setattr(block.attention, name, getattr(self.blocks[0].attention, name))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
