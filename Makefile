@@ -58,7 +58,7 @@ sweep: $(STAMP)
 	$(BIN)/python -m lra.sweep --tasks $(TASKS) --models $(MODELS) --seeds $(SEEDS) --protocol $(PROTOCOL) $(ARGS)
 
 tables: $(STAMP)
-	$(BIN)/python -m lra.results
+	$(BIN)/python -m lra.tables
 
 bench: $(STAMP)
 	$(BIN)/lra-bench --profile $(PROFILE) $(ARGS)

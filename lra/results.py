@@ -1,36 +1,25 @@
-"""Run records (one JSON file per finished run) and the accuracy tables rendered from them.
+"""Run records: one JSON file per run, what each says about the run that made it, and experiment identity.
 
-Records live in ``results/runs/<protocol>/<task>/<model>/seed<k>_<time>_<id>.json`` and are created with
-exclusive mode: a record is never overwritten. ``lra-tables`` (``make tables``) reads every record and
-``results/published.csv`` and writes ``results/accuracy.md`` and ``results/accuracy.csv``:
-
-* measured cells: test accuracy (%) of the best-validation checkpoint, mean ± sample std over the seeds of one
-  experiment (runs whose configs differ in anything but the seed get rows of their own, labelled by the settings
-  that differ), with the number of runs; a task trained on generated rather than official data is its own
-  column, marked ``[generated]``;
-* published cells: the figure and a numbered source, in their own columns; the two never share a cell;
-* failed runs (``status: failed`` records: out of memory, non-finite loss, bad config, ...) are counted in their
-  cell, and a cell with no finished run shows ``failed`` with the reason instead of staying empty.
+Records live in ``results/runs/<protocol>/<task>/<model>/seed<k>_<time>_<id>.json``. They are created atomically
+and exclusively (``create_json``): a record is complete or absent, and never overwritten. Readers skip, and name,
+files that are not records of this suite (``load_json_records``). The tables are rendered from them by
+``lra.tables`` (``make tables``).
 
 A record's ``cell`` is ``cell_key`` of its config: runs with the same key are the same experiment, which is how
-a re-run sweep (``resume=true``) recognises and skips the cells it has already finished.
+a re-run sweep (``resume=true``) recognises and skips the cells it has already finished. The key covers what the
+run *was* (``experiment``): every setting but paths and bookkeeping, and the hardware it really used.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
 import secrets
-import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
@@ -78,6 +67,9 @@ def device_name(device) -> str:
 VOLATILE_KEYS = ("paths", "ckpt_path", "record", "resume", "logger", "hydra")  # how a run is kept, not what it is
 PATH_LEAVES = ("data_dir", "cache_dir", "lra_release", "num_workers")  # where data is read from, and how fast
 RENAMED = {"deterministic": "trainer.deterministic"}  # settings that moved since older records were written
+ADDED = {  # settings added since older records were written, with the value that reproduces what those runs did
+    "trainer.float32_matmul_precision": "highest",
+}
 
 
 def _leaves(tree, prefix: str = "") -> dict:
@@ -89,24 +81,41 @@ def _leaves(tree, prefix: str = "") -> dict:
     return out
 
 
-def experiment(config: dict | None) -> dict:
+def device_type(record: dict) -> str | None:
+    """``cpu`` or ``gpu`` for a record that names its device, else None."""
+    device = record.get("device")
+    return None if not device else "cpu" if str(device).startswith("cpu") else "gpu"
+
+
+def experiment(config: dict | None, record: dict | None = None) -> dict:
     """What a run *was*: the leaves of its resolved config (``{"optim.lr": 1e-4, ...}``) without ``VOLATILE_KEYS``
-    and paths (``PATH_LEAVES``), older setting names mapped to today's (``RENAMED``)."""
+    and paths (``PATH_LEAVES``), older setting names mapped to today's (``RENAMED``), settings added since filled
+    with the value older runs used (``ADDED``). With its ``record``, the hardware is what the run really used
+    (``trainer.accelerator`` cpu|gpu and the effective ``trainer.precision``; records written before these were
+    resolved in the config say ``auto`` and the configured precision there)."""
     kept = {k: v for k, v in (config or {}).items() if k not in VOLATILE_KEYS}
     leaves = {RENAMED.get(k, k): v for k, v in _leaves(kept).items()}
-    return {k: v for k, v in leaves.items() if k.rsplit(".", 1)[-1] not in PATH_LEAVES}
+    leaves = {k: v for k, v in leaves.items() if k.rsplit(".", 1)[-1] not in PATH_LEAVES}
+    if leaves:
+        leaves = {**ADDED, **leaves}
+    if record is not None and device_type(record) and record.get("precision"):
+        leaves.update({"trainer.accelerator": device_type(record), "trainer.precision": record["precision"]})
+    return leaves
 
 
-def cell_key(config: dict) -> str:
-    """A short hash of ``experiment(config)``: equal keys = the same experiment (seed included)."""
-    return hashlib.sha256(json.dumps(experiment(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
+def cell_key(config: dict, record: dict | None = None) -> str:
+    """A short hash of ``experiment(config, record)``: equal keys = the same experiment (seed included)."""
+    blob = json.dumps(experiment(config, record), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def finished_record(results_dir: str | Path, protocol: str, task: str, model: str, cell: str) -> dict | None:
-    """The first ``ok`` record of ``cell`` (see ``cell_key``), or None."""
+    """The first ``ok`` record of experiment ``cell`` (``cell_key``), or None. A record counts if its stored key or its
+    key recomputed with today's normalisation (``experiment``) matches, so runs recorded before a setting was added
+    or the hardware was resolved are still recognised."""
     folder = Path(results_dir) / "runs" / protocol / task / model
-    return next((r for r in load_json_records(folder, RUN_KEYS) if r.get("cell") == cell
-                 and r.get("status", "ok") == "ok"), None)
+    return next((r for r in load_json_records(folder, RUN_KEYS) if r.get("status", "ok") == "ok"
+                 and cell in (r.get("cell"), cell_key(r.get("config"), r))), None)
 
 
 def _temporary(path: Path) -> Path:
@@ -195,176 +204,3 @@ RUN_KEYS = ("protocol", "task", "model", "seed")
 def load_records(results_dir: str | Path) -> list[dict]:
     """The run records under ``results_dir/runs`` (unreadable or foreign files skipped, see ``load_json_records``)."""
     return load_json_records(Path(results_dir) / "runs", RUN_KEYS)
-
-
-def task_label(record: dict) -> str:
-    return record["task"] + (" [generated]" if record.get("data", {}).get("source") == "generated" else "")
-
-
-def variant_labels(records: list[dict]) -> dict[str, str]:
-    """Row label of each record: its model name, or, where one (protocol, model, task) holds runs of different
-    configs, the model name with the settings that tell them apart (e.g. ``proxyformer (trainer.max_steps=300)``),
-    so that runs of different experiments are never averaged into one cell."""
-    by_cell = defaultdict(list)
-    for r in records:
-        by_cell[(r["protocol"], r["model"], task_label(r))].append(r)
-    labels = {}
-    for (_, model, _), runs in by_cell.items():
-        experiments = {id(r): {k: v for k, v in experiment(r.get("config")).items() if k != "seed"} for r in runs}
-        keys = set().union(*experiments.values())
-        differing = sorted(k for k in keys if len({json.dumps(e.get(k, "unset"), default=str)
-                                                   for e in experiments.values()}) > 1)
-        for r in runs:
-            shown = [f"{k}={experiments[id(r)].get(k, 'unset')}" for k in differing[:3]]
-            more = ", …" if len(differing) > 3 else ""
-            labels[r["_path"]] = f"{model} ({', '.join(shown)}{more})" if differing else model
-    return labels
-
-
-def measured_cells(records: list[dict]) -> dict[tuple, dict]:
-    """``(protocol, row label, task_label) -> {mean, std, n, seeds, repeats, records, failed, reasons}``: test accuracy
-    in percent over the seeds of the ``ok`` runs (``mean`` None when every run failed), and the failed runs' count
-    and reasons. The row label is the model, split by config where runs differ (``variant_labels``).
-
-    ``n`` is the number of distinct seeds: a seed trained more than once (a repeated sweep, two concurrent sweeps)
-    counts once, by its latest finished run; the other runs of that seed are reported as ``repeats``.
-    """
-    labels = variant_labels(records)
-    groups = defaultdict(lambda: {"ok": [], "failed": []})
-    for r in records:
-        key = (r["protocol"], labels[r["_path"]], task_label(r))
-        if r.get("status", "ok") == "ok" and r.get("test_acc") is not None:
-            groups[key]["ok"].append(r)
-        elif r.get("status") == "failed":
-            groups[key]["failed"].append(r)
-    cells = {}
-    for key, runs in groups.items():
-        latest = {}
-        for r in sorted(runs["ok"], key=lambda r: (r.get("finished") or 0, r["_path"])):
-            latest[r["seed"]] = r
-        accs = [100 * latest[seed]["test_acc"] for seed in sorted(latest)]
-        cells[key] = {
-            "mean": statistics.fmean(accs) if accs else None,
-            "std": statistics.stdev(accs) if len(accs) > 1 else None,
-            "n": len(accs),
-            "seeds": sorted(latest),
-            "repeats": len(runs["ok"]) - len(latest),
-            "records": [r["_path"] for r in runs["ok"] + runs["failed"]],
-            "failed": len(runs["failed"]),
-            "reasons": sorted({r.get("reason", "unknown") for r in runs["failed"]}),
-        }
-    return cells
-
-
-def cell_text(c: dict) -> str:
-    """``71.20 ± 0.40 (n=3)``, ``71.20 (n=1)``, ``… (n=2; +1 repeat; 1 failed: …)`` or ``failed: <reason> (1 run)``."""
-    if c["mean"] is None:
-        runs = "run" if c["failed"] == 1 else "runs"
-        return f"failed: {'; '.join(c['reasons'])} ({c['failed']} {runs})"
-    notes = [f"n={c['n']}"]
-    if c.get("repeats"):
-        notes.append(f"+{c['repeats']} repeat{'s' if c['repeats'] > 1 else ''}")
-    if c["failed"]:
-        notes.append(f"{c['failed']} failed: {'; '.join(c['reasons'])}")
-    spread = f" ± {c['std']:.2f}" if c["std"] is not None else ""
-    return f"{c['mean']:.2f}{spread} ({'; '.join(notes)})"
-
-
-def load_published(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    need = {"protocol", "model", "task", "accuracy", "source"}
-    if rows and not need <= set(rows[0]):
-        raise ValueError(f"{path}: columns must include {sorted(need)}, found {sorted(rows[0])}")
-    return rows
-
-
-def _task_sort(label: str):
-    base = label.split(" ")[0]
-    return (TASK_ORDER.index(base) if base in TASK_ORDER else len(TASK_ORDER), label)
-
-
-def render(results_dir: str | Path, published_csv: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``accuracy.md`` and ``accuracy.csv`` into ``results_dir``; returns their paths."""
-    results_dir = Path(results_dir)
-    records = load_records(results_dir)
-    cells = measured_cells(records)
-    published = load_published(published_csv or results_dir / "published.csv")
-    sources = list(dict.fromkeys(row["source"] for row in published))
-    pub = {(r["protocol"], r["model"], r["task"]): r for r in published}
-
-    lines = [
-        "# LRA accuracy",
-        "",
-        "Test accuracy (%) of the best-validation checkpoint. **Measured** cells come from this suite's run",
-        "records (`results/runs/`, each with its config, seed, git commit and device): mean ± std over seeds,",
-        "n = number of runs. **Published** cells are figures from papers, with the source numbered below.",
-        "A measured and a published figure never share a cell; `failed` cells name why their runs failed",
-        "(their failure records are under `results/runs/`). Regenerate with `make tables`.",
-        "",
-    ]
-    for protocol in sorted({k[0] for k in cells} | {k[0] for k in pub}):
-        tasks = sorted({k[2] for k in cells if k[0] == protocol} | {k[2] for k in pub if k[0] == protocol},
-                       key=_task_sort)
-        models = sorted({k[1] for k in cells if k[0] == protocol} | {k[1] for k in pub if k[0] == protocol})
-        lines += [f"## Protocol `{protocol}`", ""]
-        header = ["model"]
-        for t in tasks:  # published figures are on official data: no such column for generated tasks
-            header += [f"{t} measured"] if t.endswith("[generated]") else [f"{t} measured", f"{t} published"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for m in models:
-            row = [m]
-            for t in tasks:
-                c = cells.get((protocol, m, t))
-                row.append(cell_text(c) if c else "–")
-                if not t.endswith("[generated]"):
-                    p = pub.get((protocol, m, t))
-                    row.append(f"{p['accuracy']} [{sources.index(p['source']) + 1}]" if p else "–")
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    if sources:
-        lines += ["## Sources of published figures", ""]
-        lines += [f"{i}. {s}" for i, s in enumerate(sources, 1)]
-        lines.append("")
-    skipped = sorted(path for path in SKIPPED if Path(path).is_relative_to(results_dir / "runs"))
-    if skipped:
-        lines += ["## Files skipped", "", "Under `runs/` but not readable as run records (torn by a kill, foreign, or "
-                  "not UTF-8); they are left in place for you to inspect or delete:", ""]
-        lines += [f"- `{path}`: {SKIPPED[path]}" for path in skipped] + [""]
-    md = write_text_atomic(results_dir / "accuracy.md", "\n".join(lines))
-
-    out = results_dir / "accuracy.csv"
-    buffer = io.StringIO()
-    with buffer as f:
-        w = csv.writer(f)
-        w.writerow(["kind", "protocol", "model", "task", "accuracy_mean", "accuracy_std", "n", "seeds", "failed",
-                    "failure_reasons", "source"])
-        for (protocol, m, t), c in sorted(cells.items()):
-            kind, mean = ("measured", f"{c['mean']:.4f}") if c["mean"] is not None else ("failed", "")
-            w.writerow([kind, protocol, m, t, mean, f"{c['std']:.4f}" if c["std"] is not None else "", c["n"],
-                        " ".join(map(str, c["seeds"])), c["failed"], "; ".join(c["reasons"]),
-                        "; ".join(c["records"])])
-        for r in published:
-            w.writerow(["published", r["protocol"], r["model"], r["task"], r["accuracy"], "", "", "", "", "",
-                        r["source"]])
-        write_text_atomic(out, f.getvalue())
-    return md, out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lra-tables", description="Render results/accuracy.{md,csv}.")
-    parser.add_argument("--results-dir", default="results")
-    parser.add_argument("--published", default=None,
-                        help="published figures CSV (default: <results-dir>/published.csv)")
-    args = parser.parse_args(argv)
-    for path in render(args.results_dir, args.published):
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,5 +19,5 @@ status=0
 "$PY" -m lra.sweep --tasks listops --models nystromformer,proxyformer,cast,tost --seeds 0 --protocol nystrom \
   task.source=generate task.generator.num_train=10000 trainer.max_steps=300 trainer.val_check_interval=100 \
   paths.results_dir="$RESULTS_DIR" || status=$?
-"$PY" -m lra.results --results-dir "$RESULTS_DIR" || status=$?
+"$PY" -m lra.tables --results-dir "$RESULTS_DIR" || status=$?
 exit $status

@@ -27,5 +27,5 @@ RESULTS_DIR=${RESULTS_DIR:-results}
 "$PY" -m lra.sweep --tasks "$TASKS" --models "$MODELS" --seeds "$SEEDS" --protocol "$PROTOCOL" \
   paths.results_dir="$RESULTS_DIR" ${ARGS:-}
 status=$?
-"$PY" -m lra.results --results-dir "$RESULTS_DIR" || exit $?
+"$PY" -m lra.tables --results-dir "$RESULTS_DIR" || exit $?
 exit $status

@@ -269,21 +269,41 @@ def test_cuda_without_gpu_is_a_clear_error():
 
 
 def test_plots_are_written(tmp_path, synthetic):
+    """Efficiency curves per section, and accuracy against the speed of the same protocol's encoder at the task's
+    length: a record at another length gets no point (it is counted in the title instead)."""
     pytest.importorskip("matplotlib")
+    from lra.tables import accuracy_plots
+
     for model, attention, t, m in (("transformer", "softmax", 300.0, 900.0), ("sdpa", "sdpa", 200.0, 300.0),
                                    ("nystromformer", "nystromformer", 50.0, 40.0)):
         fake_record(synthetic, model, attention, 4096, t, m, mode="train")
         write_record(synthetic, {"protocol": "nystrom", "task": "listops", "model": model, "seed": 0,
-                                 "status": "ok", "test_acc": 0.3 + t / 1000})
+                                 "status": "ok", "test_acc": 0.3 + t / 1000, "test_majority_rate": 0.17,
+                                 "device": "cpu: test", "precision": "32-true",
+                                 "config": {"data": {"seq_len": 4096}}})
+    write_record(synthetic, {"protocol": "nystrom", "task": "text", "model": "sdpa", "seed": 0, "status": "ok",
+                             "test_acc": 0.6, "device": "cpu: test", "precision": "32-true",
+                             "config": {"data": {"seq_len": 1024}}})  # no train point at 1024: left out
     written = report.render(synthetic)
     names = sorted(p.name for p in written if p.suffix == ".png")
-    assert names == ["accuracy_vs_speed_nystrom_quick_cpu.png", "efficiency_quick_cpu_attention_fp32_b1.png",
+    assert names == ["accuracy_vs_speed_nystrom_cpu.png", "efficiency_quick_cpu_attention_fp32_b1.png",
                      "efficiency_quick_cpu_train_fp32_b1.png"]
     for path in written:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = report.accuracy_points(report.load_bench_records(synthetic), synthetic)["nystrom"]
-    assert figure["tasks"] == ["listops"] and figure["length"] == 4096
-    assert figure["points"] == [("nystromformer", pytest.approx(35.0), 20.0, 40.0),
-                                ("sdpa", pytest.approx(50.0), 5.0, 300.0),
-                                ("transformer", pytest.approx(60.0), 1000 / 300, 900.0)]
+    calls = []
+    import lra.plots
+
+    original = lra.plots.plot_accuracy_vs_speed
+    lra.plots.plot_accuracy_vs_speed = lambda panels, path, title: calls.append((panels, title)) or path
+    try:
+        accuracy_plots(synthetic)
+    finally:
+        lra.plots.plot_accuracy_vs_speed = original
+    ((panels, title),) = calls
+    assert list(panels) == ["listops (N=4096)"] and "1 measured cell without a benchmark point" in title
+    points, floor = panels["listops (N=4096)"]
+    assert floor == pytest.approx(17.0)
+    assert sorted(points) == [("nystromformer", pytest.approx(35.0), 20.0, 40.0),
+                              ("sdpa", pytest.approx(50.0), 5.0, 300.0),
+                              ("transformer", pytest.approx(60.0), 1000 / 300, 900.0)]

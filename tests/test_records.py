@@ -12,7 +12,8 @@ import pytest
 import lra.results
 import lra.train
 from lra.preflight import CellLock, ConfigError
-from lra.results import cell_key, load_records, measured_cells, render, write_record
+from lra.results import cell_key, load_records, write_record
+from lra.tables import measured_cells, render
 from lra.train import run
 from tests.conftest import TINY, Killed, kill_at_step
 
@@ -28,7 +29,7 @@ def test_torn_and_foreign_json_are_skipped_and_named(make_cfg, capsys):
     (folder / "seed0_torn.json").write_text('{"status": "ok", "test_acc": 0.')  # a record cut by a kill
     (folder / "notes.json").write_text('{"hello": "world"}')  # not a record of this suite
     (results / "runs" / "stray.json").write_bytes(b"\xff\xfe not utf-8")
-    md, _ = render(results, REPO / "results" / "published.csv")
+    md, _, _ = render(results, REPO / "results" / "published.csv", plots=False)
     err = capsys.readouterr().err
     for name in ("seed0_torn.json", "notes.json", "stray.json"):
         assert name in err and name in md.read_text()
@@ -74,7 +75,7 @@ def test_a_seed_trained_twice_counts_once(make_cfg):
     cells = measured_cells(load_records(make_cfg().paths.results_dir))
     (cell,) = cells.values()
     assert cell["n"] == 2 and cell["seeds"] == [0, 1] and cell["repeats"] == 1
-    md, _ = render(make_cfg().paths.results_dir, REPO / "results" / "published.csv")
+    md, _, _ = render(make_cfg().paths.results_dir, REPO / "results" / "published.csv", plots=False)
     assert "(n=2; +1 repeat)" in md.read_text()
 
 

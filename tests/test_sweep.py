@@ -13,8 +13,9 @@ import torch
 
 import lra.train
 from lra.module import NonFiniteLoss
-from lra.results import cell_key, load_records, render, write_record
+from lra.results import cell_key, load_records, write_record
 from lra.sweep import main as sweep_main
+from lra.tables import render
 from lra.train import ConfigError, run
 from tests.conftest import TINY, Killed, kill_at_step
 
@@ -30,7 +31,7 @@ def _subprocess(args: list[str], tmp_path: Path, results: bool = True) -> subpro
 
 
 def _table_rows(results: Path) -> dict[str, dict]:
-    render(results, REPO / "results" / "published.csv")
+    render(results, REPO / "results" / "published.csv", plots=False)
     return {r["model"]: r for r in csv.DictReader((results / "accuracy.csv").open()) if r["kind"] != "published"}
 
 

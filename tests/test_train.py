@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lra.results import load_records, render, write_record
+from lra.results import load_records, write_record
+from lra.tables import render
 from lra.train import ConfigError, run
 from tests.conftest import TINY, Killed, kill_at_step, option_names
 
@@ -38,7 +39,7 @@ def test_two_seeds_make_records_and_one_table_cell(make_cfg, tmp_path):
     assert first["steps"] == 6 and first["config"]["trainer"]["max_steps"] == 6
     assert first["data"]["source"] == "generated" and first["versions"]["torch"]
 
-    md, out = render(results, REPO / "results" / "published.csv")
+    md, out, _ = render(results, REPO / "results" / "published.csv", plots=False)
     accs = [100 * r["test_acc"] for r in records]
     mean = sum(accs) / 2
     std = abs(accs[0] - accs[1]) / 2 ** 0.5
@@ -86,7 +87,7 @@ def test_multirun_then_tables(tmp_path):
     cmd = [sys.executable, "-m", "lra.train", "-m", "model=transformer,sdpa", "seed=0,1", *TINY, *paths]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tables = subprocess.run([sys.executable, "-m", "lra.results", "--results-dir", str(tmp_path / "results"),
+    tables = subprocess.run([sys.executable, "-m", "lra.tables", "--results-dir", str(tmp_path / "results"),
                              "--published", str(REPO / "results" / "published.csv")],
                             capture_output=True, text=True, cwd=tmp_path, env=env)
     assert tables.returncode == 0, tables.stderr

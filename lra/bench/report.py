@@ -15,18 +15,18 @@ are within a limit (a linear method's figures grow about ``long / short`` times,
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from pathlib import Path
 
 from lra.bench.grid import REFERENCES
-from lra.results import load_json_records, load_records, measured_cells
+from lra.results import load_json_records, write_text_atomic
 
 SECTION = ("mode", "precision", "batch_size")
 CSV_COLUMNS = ["profile", "device", "run_id", "mode", "precision", "batch_size", "compile", "model", "attention",
                "seq_len", "status", "median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "steps_per_s",
                "tokens_per_s", "peak_mb", "rss_peak_mb", "speed_vs_softmax", "speed_vs_sdpa", "memory_vs_softmax",
                "memory_vs_sdpa", "error", "record"]
-FIGURE_LENGTH = 4096  # LRA Figure 3 compares training speed at 4K tokens
 
 
 def load_bench_records(results_dir: str | Path) -> list[dict]:
@@ -34,10 +34,13 @@ def load_bench_records(results_dir: str | Path) -> list[dict]:
 
 
 def latest_runs(records: list[dict]) -> list[list[dict]]:
-    """The records of the latest run (run ids start with their time) of each profile and device."""
+    """The runs to render: the latest run (run ids start with their time) of each named profile and device, and
+    every run with options of its own (``<profile>-custom``), each in its own section, so an exploratory run never
+    replaces a profile's section or another exploratory run's."""
     runs = defaultdict(lambda: defaultdict(list))
     for r in records:
-        runs[(r["profile"], r["device_slug"])][r["run_id"]].append(r)
+        custom = r["profile"].endswith("-custom")
+        runs[(r["profile"], r["device_slug"], r["run_id"] if custom else "")][r["run_id"]].append(r)
     return [by_id[max(by_id)] for _, by_id in sorted(runs.items())]
 
 
@@ -179,8 +182,9 @@ def run_lines(records: list[dict]) -> list[str]:
     threads = next((r["threads"] for r in records if r.get("threads")), "?")
     host = f" {threads} CPU threads." if first["device_type"] == "cpu" else ""
     memory_limit = f"{bench['memory_limit_mb']:g} MB" if bench["memory_limit_mb"] else "80% of RAM"
+    custom = f" (run `{first['run_id']}`: options of its own)" if first["profile"].endswith("-custom") else ""
     lines = [
-        f"## Profile `{first['profile']}` on {first['device']}",
+        f"## Profile `{first['profile']}`{custom} on {first['device']}",
         "",
         f"Run `{first['run_id']}`, commit {commit}, torch {first['versions']['torch']}.{host} "
         f"Encoder of protocol `{bench['protocol']}`: depth "
@@ -199,8 +203,9 @@ def run_lines(records: list[dict]) -> list[str]:
         lines += [f"### {mode} ({what}), {precision}, batch {batch}", ""]
         lines += section_lines(part, bench["repeats"])
     for check in bench["scaling_checks"]:
-        lines += [f"### Growth from {check['short']} to {check['long']} tokens, {check['mode']} mode", ""]
-        lines += growth_lines(records, check) + [""]
+        if growth(records, check["mode"], check["short"], check["long"]):  # a check this run has points for
+            lines += [f"### Growth from {check['short']} to {check['long']} tokens, {check['mode']} mode", ""]
+            lines += growth_lines(records, check) + [""]
     return lines
 
 
@@ -215,77 +220,49 @@ HEADER = [
     "Ratios compare with softmax and sdpa measured in the same run (LRA Table 2: relative speed and memory).",
     "`attention` mode times the attention module alone (inference, batch 1 as in the Nyströmformer paper);",
     "`train` mode a full training step of the encoder (forward, backward, AdamW; as in the LRA paper).",
+    "No method drops attention weights in the benchmark (attention dropout would send exact attention to PyTorch's",
+    "math kernel); half-precision points run the attention in half precision too. One section per profile and",
+    "device (its latest run), and one per run with options of its own (`<profile>-custom`), never replaced.",
     "The method is described in `lra/bench/__init__.py`. Regenerate with `lra-bench --render-only`.",
     "",
 ]
 
 
 def write_csv(runs: list[list[dict]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for records in runs:
-            for row in with_ratios(records):
-                out = {c: row.get(c) for c in CSV_COLUMNS}
-                out.update(device=row["device"], record=row["_path"])
-                writer.writerow({c: "" if v is None else v for c, v in out.items()})
+    f = io.StringIO()
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for records in runs:
+        for row in with_ratios(records):
+            out = {c: row.get(c) for c in CSV_COLUMNS}
+            out.update(device=row["device"], record=row["_path"])
+            writer.writerow({c: "" if v is None else v for c, v in out.items()})
+    write_text_atomic(path, f.getvalue())
 
 
 def length_curves(records: list[dict]) -> dict[tuple, dict[str, list[tuple]]]:
-    """``(mode, precision, batch) -> model -> [(seq_len, steps_per_s, peak_mb)]`` over the ``ok`` points."""
+    """``(mode, precision, batch) -> model -> [(seq_len, steps_per_s, slowest, fastest, peak_mb)]`` over the ``ok``
+    points (slowest/fastest: the steps/s of the slowest and fastest timed step)."""
     curves = defaultdict(lambda: defaultdict(list))
     for r in sorted(records, key=lambda r: r["seq_len"]):
         if r["status"] == "ok":
-            curves[key(r, *SECTION)][r["model"]].append((r["seq_len"], r["steps_per_s"], r["peak_mb"]))
+            curves[key(r, *SECTION)][r["model"]].append(
+                (r["seq_len"], r["steps_per_s"], 1000 / r["max_ms"], 1000 / r["min_ms"], r["peak_mb"]))
     return curves
 
 
-def accuracy_points(records: list[dict], results_dir: Path) -> dict[str, dict]:
-    """Per accuracy protocol: the LRA Figure 3 data, or nothing when no model has both figures.
-
-    Speed and memory are the train-mode fp32 points at 4096 tokens (or the run's longest length) with the
-    smallest batch size; accuracy is the mean over the tasks every plotted model has measured.
-    """
-    train = [r for r in records if r["mode"] == "train" and r["precision"] == "fp32" and r["status"] == "ok"]
-    if not train:
-        return {}
-    lengths = {r["seq_len"] for r in train}
-    length = FIGURE_LENGTH if FIGURE_LENGTH in lengths else max(lengths)
-    batch = min(r["batch_size"] for r in train)
-    bench = {r["model"]: r for r in train if r["seq_len"] == length and r["batch_size"] == batch}
-    accuracy = defaultdict(lambda: defaultdict(dict))
-    for (protocol, model, task), cell in measured_cells(load_records(results_dir)).items():
-        if model in bench and cell["mean"] is not None:  # failed-only cells have no accuracy
-            accuracy[protocol][model][task] = cell["mean"]
-    figures = {}
-    for protocol, per_model in sorted(accuracy.items()):
-        tasks = sorted(set.intersection(*(set(t) for t in per_model.values())))
-        if not tasks:
-            continue
-        figures[protocol] = {
-            "length": length, "batch_size": batch, "tasks": tasks,
-            "points": [(m, sum(per_model[m][t] for t in tasks) / len(tasks), bench[m]["steps_per_s"],
-                        bench[m]["peak_mb"]) for m in sorted(per_model)],
-        }
-    return figures
-
-
-def plot_run(records: list[dict], results_dir: Path, plots_dir: Path) -> list[Path]:
+def plot_run(records: list[dict], plots_dir: Path) -> list[Path]:
     from lra import plots
 
     first = records[0]
     stem = f"{first['profile']}_{first['device_slug']}"
+    memory = next((r["memory_method"] for r in records if r.get("memory_method")), "not measured")
     written = []
     for (mode, precision, batch), curves in sorted(length_curves(records).items()):
         path = plots_dir / f"efficiency_{stem}_{mode}_{precision}_b{batch}.png"
-        plots.plot_length_curves(curves, path, f"{first['profile']} on {first['device']}: {mode}, {precision}, "
-                                                f"batch {batch}")
-        written.append(path)
-    for protocol, figure in accuracy_points(records, results_dir).items():
-        path = plots_dir / f"accuracy_vs_speed_{protocol}_{stem}.png"
-        title = (f"protocol {protocol}: mean accuracy over {', '.join(figure['tasks'])} vs train speed at "
-                 f"{figure['length']} tokens ({first['device']})")
-        plots.plot_accuracy_vs_speed(figure["points"], path, title)
+        what = "attention module alone, inference" if mode == "attention" else "training step of the encoder"
+        plots.plot_length_curves(curves, path, f"profile {first['profile']} on {first['device']}\n{mode} ({what}), "
+                                                f"{precision}, batch {batch}", memory)
         written.append(path)
     return written
 
@@ -302,8 +279,7 @@ def render(results_dir: str | Path, plots: bool = True, log=print) -> list[Path]
     if not runs:
         lines.append("No benchmark records yet: run `lra-bench --profile quick`.")
     md, table = results_dir / "efficiency.md", results_dir / "efficiency.csv"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines) + "\n")
+    write_text_atomic(md, "\n".join(lines) + "\n")
     write_csv(runs, table)
     written = [md, table]
     if not plots:
@@ -311,7 +287,8 @@ def render(results_dir: str | Path, plots: bool = True, log=print) -> list[Path]
     if not charts.available():
         log("[lra-bench] matplotlib is not installed: no plots (pip install -e '.[plots]').")
         return written
-    plots_dir = results_dir / "plots"
+    from lra.tables import accuracy_plots
+
     for records in runs:
-        written += plot_run(records, results_dir, plots_dir)
-    return written
+        written += plot_run(records, results_dir / "plots")
+    return written + accuracy_plots(results_dir)  # accuracy against the speed just measured
