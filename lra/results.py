@@ -4,7 +4,8 @@ Records live in ``results/runs/<protocol>/<task>/<model>/seed<k>_<time>_<id>.jso
 exclusive mode: a record is never overwritten. ``lra-tables`` (``make tables``) reads every record and
 ``results/published.csv`` and writes ``results/accuracy.md`` and ``results/accuracy.csv``:
 
-* measured cells: test accuracy (%) of the best-validation checkpoint, mean ± sample std over the seeds of one
+* measured cells: test accuracy (%) of the checkpoint the protocol tests (``protocol.test_checkpoint``: the
+  best-validation one; the last one under ``lra``, as LRA did), mean ± sample std over the seeds of one
   experiment (runs whose configs differ in anything but the seed get rows of their own, labelled by the settings
   that differ), with the number of runs; a task trained on generated rather than official data is its own
   column, marked ``[generated]``;
@@ -224,7 +225,8 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None) -> 
     lines = [
         "# LRA accuracy",
         "",
-        "Test accuracy (%) of the best-validation checkpoint. **Measured** cells come from this suite's run",
+        "Test accuracy (%) of the checkpoint the protocol tests (the best-validation one; under `lra` the last",
+        "one, as LRA did). **Measured** cells come from this suite's run",
         "records (`results/runs/`, each with its config, seed, git commit and device): mean ± std over seeds,",
         "n = number of runs. **Published** cells are figures from papers, with the source numbered below.",
         "A measured and a published figure never share a cell; `failed` cells name why their runs failed",
