@@ -67,8 +67,9 @@ def device_name(device) -> str:
 VOLATILE_KEYS = ("paths", "ckpt_path", "record", "resume", "logger", "hydra")  # how a run is kept, not what it is
 PATH_LEAVES = ("data_dir", "cache_dir", "lra_release", "num_workers")  # where data is read from, and how fast
 RENAMED = {"deterministic": "trainer.deterministic"}  # settings that moved since older records were written
-ADDED = {  # settings added since older records were written, with the value that reproduces what those runs did
+ADDED = {  # settings every config has now, added since older records were written, with what those runs did
     "trainer.float32_matmul_precision": "highest",
+    "protocol.test_checkpoint": "best",
 }
 
 

@@ -140,7 +140,7 @@ def measured_cells(records: list[dict]) -> dict[tuple, dict]:
             "majority": next((100 * r["test_majority_rate"] for r in counted if r.get("test_majority_rate")), None),
             "generated": key[3].endswith("[generated]"),
             "configured_precision": configured,
-            "tested": sorted({r.get("tested_checkpoint", "best") for r in counted}),
+            "tested": sorted({r.get("test_checkpoint", "best") for r in counted}),
         }
     return cells
 

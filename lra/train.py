@@ -1,4 +1,4 @@
-"""The one training entry point: compose config -> fit -> test the best checkpoint -> write a run record.
+"""The one training entry point: compose config -> fit -> test (best or last checkpoint) -> write a run record.
 
     python -m lra.train task=listops model=transformer protocol=nystrom seed=0
     python -m lra.train -m model=transformer,sdpa seed=0,1,2 protocol=quick      # Hydra multirun
@@ -305,6 +305,10 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
     _check_launch(trainer_cfg)
+    # protocol.test_checkpoint: best (best validation accuracy) | last (the weights training ended with, as LRA tests)
+    which = str(cfg.protocol.get("test_checkpoint", "best"))
+    if which not in ("best", "last"):
+        raise ConfigError(f"protocol.test_checkpoint must be 'best' or 'last', got {which!r}.")
 
     datamodule = state["datamodule"] = hydra.utils.instantiate(cfg.task.datamodule, seed=cfg.seed)
     datamodule.prepare_data()
@@ -355,7 +359,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
     fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
     state["segments"] = (history.earlier_s, history.segments)
-    best = None if fast else checkpoint.best_model_path or None
+    best = None if fast or which == "last" else checkpoint.best_model_path or None
     tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     return {
@@ -375,7 +379,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         "deterministic": bool(cfg.trainer.deterministic),
         "data": {**datamodule.describe_source(), "cache": str(datamodule.cache_dir),
                  "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
-        "checkpoint": best,
+        "test_checkpoint": which,  # best | last
+        "checkpoint": best,  # the tested checkpoint file (None: the weights in memory at the end of training)
         **({"sdpa_kernels": kernels} if (kernels := sdpa_kernels(model)) else {}),
     }
 

@@ -35,7 +35,7 @@ def test_protocol_numbers(make_cfg):
     assert nys.data.seq_len == 2048
     assert nys.optim.lr == 1e-4 and nys.optim.eps == 1e-6 and nys.optim.weight_decay == 0
     lra = make_cfg("protocol=lra")
-    assert (lra.encoder.depth, lra.encoder.dim, lra.encoder.num_heads, lra.encoder.mlp_dim) == (6, 512, 8, 2048)
+    assert (lra.encoder.depth, lra.encoder.dim, lra.encoder.num_heads, lra.encoder.mlp_dim) == (4, 512, 8, 1024)
     assert (lra.optim.lr, lra.optim.weight_decay, lra.data.seq_len, lra.encoder.pooling) == (0.05, 0.1, 2000, "cls")
 
 

@@ -64,14 +64,30 @@ class QKVAttention(AttentionBase):
     each method is still responsible for keeping padded keys out of its normalisations. A variant reproducing an
     upstream attention that ignores the padding mask altogether (LRA's fast attentions) sets
     ``zero_padded_values = False`` on its instance.
+
+    ``mask_rule`` (methods that offer it: ``softmax``, ``sdpa``) says how the padding mask enters:
+
+    * ``keys`` (default): padded keys get no weight, every query row (padded ones too) attends to the real keys,
+      padded values are zeroed;
+    * ``outer``: LRA's flax attention (flax ``nn.attention.make_padding_mask`` + ``SelfAttention``, as
+      lra_benchmarks/models/transformer/transformer.py calls it): the pair ``(i, j)`` is allowed iff both
+      ``i`` and ``j`` are real, a disallowed pair gets the score bias ``-1e10`` (added, not ``-inf``), values
+      are not zeroed. A real query gives exactly 0 weight to padded keys (same outputs as ``keys``); a padded
+      query has every score equal to ``-1e10`` in float32 and so attends **uniformly** to all ``N`` keys, padded
+      ones included: its output is the mean of every value. This matters only where padded rows reach the
+      output (LRA's MEAN pooling over all positions, a CLS token masked by ``cls_mask: first_token``).
     """
 
     fp32_core = False  # set by the encoder (``encoder.attention_fp32``): ``attend`` in at least float32
     zero_padded_values = True  # False: padded positions' values stay as projected (an upstream without masking)
+    MASK_RULES = ("keys", "outer")
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qkv_dim: int | None = None,
-                 out_bias: bool = True):
+                 out_bias: bool = True, mask_rule: str = "keys"):
         super().__init__(dim, num_heads, inner_dim=qkv_dim)
+        if mask_rule not in self.MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {self.MASK_RULES}, got {mask_rule!r}")
+        self.mask_rule = mask_rule
         self.q_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
@@ -91,7 +107,9 @@ class QKVAttention(AttentionBase):
         q = self.split_heads(self.q_proj(x))
         k = self.split_heads(self.k_proj(x))
         v = self.v_proj(x)
-        v = self.split_heads(v * mask[..., None].to(x.dtype) if self.zero_padded_values else v)
+        if self.zero_padded_values and self.mask_rule == "keys":
+            v = v * mask[..., None].to(x.dtype)
+        v = self.split_heads(v)
         if self.fp32_core:
             out = in_fp32(self.attend, q, k, v, mask=mask)
         else:
@@ -100,3 +118,11 @@ class QKVAttention(AttentionBase):
 
     def attend(self, q, k, v, mask):  # pragma: no cover
         raise NotImplementedError
+
+    @staticmethod
+    def outer_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``mask_rule='outer'``'s score bias ``[B, 1, N, N]``: 0 where query and key are both real, else -1e10
+        (half precision: half the dtype's lowest value, so that adding it to a score stays finite)."""
+        pair = mask[:, None, :, None] & mask[:, None, None, :]
+        low = max(-1e10, torch.finfo(dtype).min / 2)
+        return torch.zeros(pair.shape, dtype=dtype, device=mask.device).masked_fill(~pair, low)

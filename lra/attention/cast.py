@@ -88,8 +88,10 @@ class CASTAttention(QKVAttention):
         affinity: str = "sigmoid",
         dropout: float = 0.0,
         qkv_bias: bool = True,
+        qkv_dim: int | None = None,
+        out_bias: bool = True,
     ):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         if clustering not in CLUSTERINGS:
             raise ValueError(f"cast: clustering must be one of {CLUSTERINGS}, got {clustering!r}")
         if affinity not in AFFINITIES:

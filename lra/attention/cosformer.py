@@ -60,8 +60,9 @@ class CosformerAttention(QKVAttention):
     clamp of the normaliser), ``qkv_bias``.
     """
 
-    def __init__(self, dim: int, num_heads: int, length: str = "real", eps: float = 1e-6, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+    def __init__(self, dim: int, num_heads: int, length: str = "real", eps: float = 1e-6, qkv_bias: bool = True,
+                 qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_choice("length", length, ("real", "padded"))
         self.length, self.eps = length, eps
 

@@ -214,8 +214,8 @@ class NystromAttention(QKVAttention):
 
     def __init__(self, dim: int, num_heads: int, num_landmarks: int = 64, pinv_iterations: int = 6,
                  init_scaling: str = "per_matrix", masking: str = "full", conv_kernel: int | None = 35,
-                 qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+                 qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_choice("init_scaling", init_scaling, ("per_matrix", "global"))
         check_choice("masking", masking, ("full", "authors"))
         self.num_landmarks, self.pinv_iterations = num_landmarks, pinv_iterations

@@ -95,8 +95,8 @@ class ProxyAttention(QKVAttention):
                  injection: bool = True, injection_strength: float = 1.0, contrastive_weight: float = 0.1,
                  contrastive_temperature: float = 0.1, landmark_dropout: float = 0.1,
                  pinv_iterations: int = 6, init_scaling: str = "per_matrix", conv_kernel: int | None = 35,
-                 qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+                 qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_choice("init_scaling", init_scaling, ("per_matrix", "global"))
         roles = 1 if shared_proxies else 2
         self.proxies = nn.Parameter(torch.randn(roles, num_heads, num_proxies, self.head_dim))

@@ -35,16 +35,22 @@ def sdpa_backend(q, k, v, attn_mask, dropout_p: float) -> str:
 @register("sdpa")
 class SDPAttention(QKVAttention):
     """Fused exact attention. Options: ``dropout`` (on the attention probabilities),
-    ``qkv_bias``, ``qkv_dim``, ``out_bias`` (see ``QKVAttention``)."""
+    ``qkv_bias``, ``qkv_dim``, ``out_bias``, ``mask_rule`` (see ``QKVAttention``; ``outer`` passes LRA's
+    additive ``[B, 1, N, N]`` bias, which rules out the flash kernel)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True,
-                 qkv_dim: int | None = None, out_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
+                 qkv_dim: int | None = None, out_bias: bool = True, mask_rule: str = "keys"):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias, mask_rule=mask_rule)
         self.dropout = dropout
         self.backends_used: set[str] = set()
 
     def attend(self, q, k, v, mask):
-        key_mask = None if bool(mask.all()) else mask[:, None, None, :]  # [B, 1, 1, N]; True = attend
+        if bool(mask.all()):
+            key_mask = None  # nothing padded: no mask, so the fused kernels qualify (either rule gives this)
+        elif self.mask_rule == "outer":
+            key_mask = self.outer_mask_bias(mask, q.dtype)  # [B, 1, N, N] added to the scores
+        else:
+            key_mask = mask[:, None, None, :]  # [B, 1, 1, N]; True = attend
         p = self.dropout if self.training else 0.0
         self.backends_used.add(sdpa_backend(q, k, v, key_mask, p))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)

@@ -99,8 +99,8 @@ class SkyformerAttention(QKVAttention):
 
     def __init__(self, dim: int, num_heads: int, num_landmarks: int = 128, regularization: float = 0.1,
                  pinv_iterations: int = 6, init_scaling: str = "per_matrix", resample: bool = True,
-                 qkv_bias: bool = True):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
+                 qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_choice("init_scaling", init_scaling, ("per_matrix", "global"))
         if num_landmarks < 2:
             raise ValueError(f"skyformer: num_landmarks must be >= 2 (half from the queries, half from the "

@@ -39,14 +39,16 @@ from lra.attention.base import AttentionBase
 @register("tost")
 class TSSAttention(AttentionBase):
     """Token Statistics Self-Attention. Options: ``dropout`` (on ``1 / (1 + s)``, the authors' ``attn_drop``),
-    ``qkv_bias`` (bias of the shared projection ``W``)."""
+    ``qkv_bias`` (bias of the shared projection ``W``), ``qkv_dim`` (width of ``W``'s output, default ``dim``),
+    ``out_bias`` (bias of the output projection)."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True):
-        super().__init__(dim, num_heads)
-        self.qkv = nn.Linear(dim, dim, bias=qkv_bias)
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True,
+                 qkv_dim: int | None = None, out_bias: bool = True):
+        super().__init__(dim, num_heads, inner_dim=qkv_dim)
+        self.qkv = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
         self.temp = nn.Parameter(torch.ones(num_heads, 1))
         self.attn_drop = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(self.inner_dim, dim, bias=out_bias)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the optimizer must not decay (as in the authors' model)."""
@@ -62,4 +64,4 @@ class TSSAttention(AttentionBase):
         pi = torch.softmax(energy * self.temp, dim=1) * real  # over heads; padded tokens: Π = 0
         s = (pi / (pi.sum(-1, keepdim=True) + 1e-8)).unsqueeze(-2) @ w_sq  # [B, H, 1, Dh]
         y = -(w * pi[..., None]) * self.attn_drop(1.0 / (1.0 + s))
-        return self.out_proj(y.transpose(1, 2).reshape(b, n, self.dim))
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, self.inner_dim))

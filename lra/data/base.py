@@ -37,7 +37,8 @@ class ArrayDataset(Dataset):
     """Rows of prepared arrays; ``__getitems__`` builds a whole batch with one fancy index.
 
     ``pad_id`` is the id that marks padding (``mask = ids != pad_id``); ``None`` for tasks whose every
-    position is real (pixels, where 0 is a value), whose mask is all true.
+    position is real (pixels, where 0 is a value), whose mask is all true (pixel tasks with
+    ``zero_pixel_is_padding``, the upstream harnesses' rule, use ``pad_id = 0``).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], seq_len: int, pad_id: int | None = 0):

@@ -10,8 +10,11 @@ Pixels, exactly as LRA's input pipeline (``tf.cast(tf.image.rgb_to_grayscale(ima
 The order of the float32 operations matters for 47 of the 2^24 colours; ``rgb_to_gray_lra`` reproduces
 TensorFlow's result for every colour (the test compares the whole table). The 32x32 grey image is read
 row by row (LRA flattens ``[32, 32, 1]`` with a reshape): token ``i = 32 * row + col``, value 0..255,
-vocabulary 256. Every position is a real pixel (``pad_id = None``: the mask is all true; 0 is black,
-not padding — LRA's Transformer masks ``inputs > 0`` and so hides black pixels, a quirk not copied).
+vocabulary 256. By default every position is a real pixel (``pad_id = None``: the mask is all true; 0 is
+black, not padding). ``zero_pixel_is_padding=True`` reproduces the upstream harnesses' bug: LRA's encoders build
+``src_padding_mask = inputs > 0`` from the ids for every task (lra_benchmarks/models/transformer/transformer.py)
+and the Nyströmformer harness ``mask = ids != 0`` (LRA/code/dataset.py), so every black pixel is a
+padded position (``mask = ids != 0``, built at batch time: the prepared arrays and the cache key are the same).
 
 Splits, as LRA: train = the first 90% of CIFAR-10's train split (45,000), validation = its last 10%
 (5,000), test = the test split (10,000). With ``source=tfds`` these are LRA's exact images (TFDS
@@ -39,7 +42,11 @@ def rgb_to_gray_lra(images: np.ndarray) -> np.ndarray:
 
 
 class ImageDataModule(HubDataModule):
-    """CIFAR-10 grayscale pixels (see the module docstring). ``max_len`` must be 1024 (32 x 32)."""
+    """CIFAR-10 grayscale pixels (see the module docstring). ``max_len`` must be 1024 (32 x 32).
+
+    ``zero_pixel_is_padding``: pixel value 0 masked as padding (the upstream harnesses' bug; default: every
+    pixel real).
+    """
 
     name = "image"
     num_classes = 10
@@ -50,8 +57,9 @@ class ImageDataModule(HubDataModule):
     tfds_name = "cifar10"
     tfds_input = "image"
 
-    def __init__(self, val_holdout_percent: int | None = 10, **kwargs):
+    def __init__(self, val_holdout_percent: int | None = 10, zero_pixel_is_padding: bool = False, **kwargs):
         super().__init__(val_holdout_percent=val_holdout_percent, **kwargs)
+        self.pad_id = 0 if zero_pixel_is_padding else None  # masks are built at batch time: not a cache option
         if self.max_len != SIDE * SIDE:
             raise DataError(
                 f"task.max_len={self.max_len} for image: CIFAR-10 images are {SIDE}x{SIDE} = {SIDE * SIDE} pixels, "

@@ -19,7 +19,11 @@ Reading, as LRA's input pipeline and the Nyströmformer harness do:
   folder>/<folder>/<file>``, the label column 3. Files are read in numeric order of their stem, lines in
   file order;
 * tokens are the grayscale pixel values 0..255 in row-major order (``vocab_size`` 256; 0 is a pixel value,
-  not padding: every position is real, the mask is all true);
+  not padding: every position is real, the mask is all true). ``zero_pixel_is_padding=True`` reproduces the
+  upstream harnesses' bug instead: LRA's encoders mask ``inputs > 0`` for every task
+  (lra_benchmarks/models/transformer/transformer.py), the Nyströmformer harness ``ids != 0``
+  (LRA/code/dataset.py), so the black background, most of the image, is padding (``mask = ids != 0`` at
+  batch time; the prepared arrays and the cache key do not change);
 * the split is 80/10/10 of a seeded permutation of the metadata lines (``split_seed``): train the first
   ``int(0.8 n)``, val the next up to ``int(0.9 n)``, test the rest (the harness's boundaries; LRA splits the
   TFDS copy ``[:80%] [80%:90%] [90%:]``, the harness shuffles unseeded). The permutation is over all lines,
@@ -198,7 +202,8 @@ class PathfinderDataModule(LRADataModule):
 
     ``generator`` holds ``PathfinderSpec`` fields for ``source=generate`` (its resolution and difficulty are
     this module's). ``max_len`` and ``seq_len`` must equal ``resolution**2``: every pixel is a token and
-    there is no padding id to fill a longer sequence with.
+    there is no padding id to fill a longer sequence with. ``zero_pixel_is_padding``: pixel value 0 masked as
+    padding (the upstream harnesses' bug; default: every pixel real).
     """
 
     name = "pathfinder"
@@ -217,6 +222,7 @@ class PathfinderDataModule(LRADataModule):
         split_seed: int = 0,
         max_bad_fraction: float = 0.01,
         decode_workers: int | None = None,
+        zero_pixel_is_padding: bool = False,
         **kwargs,
     ):
         if source not in ("release", "generate"):
@@ -237,6 +243,7 @@ class PathfinderDataModule(LRADataModule):
         if not 0 <= max_bad_fraction < 1:
             raise DataError(f"task.max_bad_fraction must be in [0, 1), got {max_bad_fraction}.")
         super().__init__(**kwargs)
+        self.pad_id = 0 if zero_pixel_is_padding else None  # masks are built at batch time: not a cache option
         self.source, self.release = source, Path(lra_release)
         self.resolution, self.difficulty, self.split_seed = resolution, difficulty, split_seed
         self.max_bad_fraction, self.decode_workers = max_bad_fraction, decode_workers or os.cpu_count() or 1
