@@ -177,6 +177,12 @@ def _decode_files(task) -> tuple[np.ndarray, list[str | None], list[tuple[int, i
         except FileNotFoundError:
             reasons[i] = "missing"
             continue
+        except IsADirectoryError:
+            reasons[i] = "a directory, not an image file"
+            continue
+        except OSError as err:  # permissions, I/O errors: this file is unreadable, the others may be fine
+            reasons[i] = f"unreadable ({err.strerror or type(err).__name__})"
+            continue
         except BadImage as err:
             reasons[i] = str(err)
             continue
@@ -251,6 +257,7 @@ class PathfinderDataModule(LRADataModule):
         self.root = self.folder / f"pathfinder{resolution}" / DIFFICULTIES[difficulty][0]
         self.skipped: dict[str, list[tuple[str, str]]] = {}
         self._index: list[tuple[Path | None, int, str]] | None = None
+        self._malformed: dict[str, str] = {}  # where -> why, for metadata lines that are not plain malformed
 
     # ---- sources ---------------------------------------------------------------------------------------------
     def source_files(self) -> list[Path]:
@@ -319,7 +326,10 @@ class PathfinderDataModule(LRADataModule):
                     if not fields:
                         continue
                     where = f"{meta}:{number}"
-                    if len(fields) >= 4 and fields[3] in ("0", "1"):
+                    if fields is NOT_UTF8:
+                        self._malformed[where] = "metadata line is not UTF-8 text"
+                        rows.append((None, -1, where))
+                    elif len(fields) >= 4 and fields[3] in ("0", "1") and _inside(fields[0], fields[1]):
                         rows.append((self.root / fields[0] / fields[1], int(fields[3]), where))
                     else:
                         rows.append((None, -1, where))
@@ -339,7 +349,8 @@ class PathfinderDataModule(LRADataModule):
     def read_split(self, split: str) -> dict[str, np.ndarray]:
         rows = [self.index()[i] for i in self.split_rows(split)]
         total = len(rows)
-        bad = [(where, "malformed metadata line (expected '<folder> <file> <index> <0|1> ...')")
+        bad = [(where, self._malformed.get(where, "malformed metadata line (expected '<folder> <file> <index> "
+                                                  "<0|1> ...' with a relative image path)"))
                for path, _, where in rows if path is None]
         rows = [row for row in rows if row[0] is not None]
         paths = [str(path) for path, _, _ in rows]
@@ -372,8 +383,9 @@ class PathfinderDataModule(LRADataModule):
             raise DataError(
                 f"{len(bad)} of {total} Pathfinder {split} entries are unreadable (more than task.max_bad_fraction="
                 f"{self.max_bad_fraction}), e.g. {listing}. The release under {self.root} looks incomplete or "
-                f"damaged: extract {RELEASE_URL} again (or regenerate with `task.source=generate`), or raise "
-                f"task.max_bad_fraction to accept the loss."
+                f"damaged: download and extract {RELEASE_URL} again over it (`lra-data download "
+                f"{'pathfinder' if self.resolution == 32 else 'pathx'} --force`), regenerate with "
+                f"`task.source=generate`, or raise task.max_bad_fraction to accept the loss."
             )
         labels = np.asarray([label for _, label, _ in rows], dtype=np.int64)
         return {"input_ids": pixels[keep], "label": labels[keep]}
@@ -392,13 +404,38 @@ class PathfinderDataModule(LRADataModule):
                       f"the full list is in {self.cache_dir / BAD_REPORT}")
 
 
+NOT_UTF8: list[str] = ["<not UTF-8>"]  # stands for a metadata line that is not UTF-8 text (skipped, counted)
+
+
 def _metadata_lines(path: Path) -> list[list[str]]:
     """The fields of each line of a metadata file: text in the release (as LRA and the harness read it); a real
-    ``.npy`` string array, as the upstream generator's ``np.save`` writes, is read too."""
-    data = path.read_bytes()
+    ``.npy`` string array, as the upstream generator's ``np.save`` writes, is read too. A line that is not
+    UTF-8 is ``NOT_UTF8``; a file that cannot be read at all is a ``DataError`` naming it."""
+    fix = ("Re-extract the release (`lra-data download pathfinder --force`; pathx for Path-X) or, for generated "
+           "data, delete its folder under <data_dir>/generated/ and generate again.")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read this metadata file ({err.strerror}). {fix}") from None
     if data.startswith(b"\x93NUMPY"):
-        return [[str(v) for v in row] for row in np.atleast_2d(np.load(io.BytesIO(data), allow_pickle=False))]
-    return [line.split() for line in data.decode("utf-8", errors="replace").splitlines()]
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"{path}: a damaged .npy metadata array ({err}). {fix}") from None
+        return [[str(v) for v in row] for row in np.atleast_2d(array)]
+    lines = []
+    for line in data.splitlines():
+        try:
+            lines.append(line.decode("utf-8").split())
+        except UnicodeDecodeError:
+            lines.append(NOT_UTF8)
+    return lines
+
+
+def _inside(folder: str, name: str) -> bool:
+    """Whether a metadata line's image path stays inside the dataset folder (relative, no ``..``)."""
+    path = Path(folder, name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _numeric_order(path: Path):
