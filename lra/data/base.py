@@ -6,8 +6,10 @@ A task subclass says which files it reads (``source_files``), how to explain the
 * checks the sources and raises ``DataError`` naming every missing file and the fix;
 * prepares each split once into ``<cache_dir>/<task>/<key>/`` where ``key`` hashes the preprocessing
   options and the sources' names, sizes and modification times, so a second run starts at once and a
-  change of options or files re-prepares. The folder is written under a temporary name and renamed
-  when complete: an interrupted prepare leaves nothing a later run would trust;
+  change of options or files re-prepares. The folder is written under a temporary name
+  (``<key>.partial-<host>-<pid>``) and renamed when complete, under an inter-process lock: an interrupted
+  prepare leaves nothing a later run would trust, a concurrent one waits and reuses the result, and
+  temporaries of killed prepares are removed by the next one;
 * serves memory-mapped arrays as batches ``{input_ids [B, L] long, mask [B, L] bool, label [B] long}``
   padded with id 0 to ``seq_len`` (two-input tasks add ``input_ids_2``/``mask_2``).
 """
@@ -24,6 +26,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lra.data import store
 
 SPLITS = ("train", "val", "test")
 RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"  # LRA's data release
@@ -162,6 +166,10 @@ class LRADataModule(L.LightningDataModule):
         """Arrays of one split: ``input_ids`` ``[n, max_len]`` (0 = padding), ``label`` ``[n]``."""
         raise NotImplementedError
 
+    def cache_extras(self) -> dict[str, str]:
+        """Extra text files written into the cache folder with the arrays (name -> content)."""
+        return {}
+
     # ---- the shared machinery -------------------------------------------------------------------
     @staticmethod
     def missing_release_files(release: Path, missing: list[Path]) -> str:
@@ -182,26 +190,40 @@ class LRADataModule(L.LightningDataModule):
         return self.cache_root / self.name / hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def prepare_data(self) -> None:
+        """Prepare the cache once: under the cache folder's lock (a concurrent prepare of the same data waits,
+        then reuses it), into a unique temporary folder renamed when complete."""
         self.ensure_sources()
         final = self.cache_dir
         if (final / "meta.json").is_file():
             return
-        tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        meta = {"task": self.name, "options": self.cache_options(), "sizes": {}}
-        for split in SPLITS:
-            arrays = self.read_split(split)
-            for key, value in arrays.items():
-                if key.startswith("input_ids"):
-                    value = value.astype(_smallest_int_dtype(self.vocab_size), copy=False)
-                np.save(tmp / f"{split}.{key}.npy", value)
-            meta["sizes"][split] = int(len(arrays["label"]))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # a concurrent prepare finished first; theirs is as good as ours
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
+        with store.lock(final, f"preparing {self.name}"):
+            if (final / "meta.json").is_file():  # made by a concurrent prepare while this one waited
+                return
+            store.remove_stale_partials(final.parent)
+            tmp = store.partial_name(final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                meta = {"task": self.name, "options": self.cache_options(), "sizes": {}}
+                for split in SPLITS:
+                    arrays = self.read_split(split)
+                    for key, value in arrays.items():
+                        if key.startswith("input_ids"):
+                            value = value.astype(_smallest_int_dtype(self.vocab_size), copy=False)
+                        np.save(tmp / f"{split}.{key}.npy", value)
+                    meta["sizes"][split] = int(len(arrays["label"]))
+                for name, text in self.cache_extras().items():
+                    (tmp / name).write_text(text)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                if final.exists():  # an incomplete folder of an older version; nobody else writes it (locked)
+                    shutil.rmtree(final)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    if not (final / "meta.json").is_file():  # unlocked file system: a concurrent prepare won
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

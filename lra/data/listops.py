@@ -5,7 +5,7 @@ Sources (``source`` option):
 * ``release``: ``<lra_release>/listops-1000/basic_{train,val,test}.tsv`` from LRA's ``lra_release.gz``;
 * ``generate``: the same files made by the built-in LRA generator (``lra.data.listops_generator``) under
   ``<data_dir>/generated/listops-<hash of the generator options>/``, generated on first use (announced,
-  with a progress bar) and reused afterwards.
+  with a progress bar; one job generates, concurrent ones wait for it) and reused afterwards.
 
 Tokenisation follows LRA's input pipeline after its bracket fix: ``]`` becomes ``X``, ``(`` and ``)`` are
 removed, the rest is split on whitespace; inputs are cut to ``max_len`` (2000). LRA builds its vocabulary
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lra.data import store
 from lra.data.base import RELEASE_URL, DataError, LRADataModule
 from lra.data.listops_generator import ListOpsSpec, generate
 
@@ -125,9 +126,16 @@ class ListOpsDataModule(LRADataModule):
         )
 
     def ensure_sources(self) -> None:
-        if self.source == "generate" and not all(p.is_file() for p in self.source_files()):
-            print(f"[lra] generating ListOps with the LRA algorithm into {self.folder} ({self.spec})")
-            generate(self.spec, self.folder)
+        """``source=generate``: generate the files once, under the folder's inter-process lock (a concurrent
+        job waits, then reuses them)."""
+        if self.source == "generate":
+
+            def make():
+                print(f"[lra] generating ListOps with the LRA algorithm into {self.folder} ({self.spec})")
+                generate(self.spec, self.folder)
+
+            store.make_once(self.folder, lambda: all(p.is_file() for p in self.source_files()), make,
+                            f"generating ListOps into {self.folder}")
         super().ensure_sources()
 
     def describe_source(self) -> dict:

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lra.data import store
 from lra.data.base import RELEASE_URL, DataError, LRADataModule
 from lra.data.pathfinder_generator import (
     DIFFICULTIES,
@@ -290,14 +291,21 @@ class PathfinderDataModule(LRADataModule):
         )
 
     def ensure_sources(self) -> None:
-        if self.spec is not None and not all(p.is_file() for p in self.source_files()):
-            print(f"[lra] generating Pathfinder-{self.resolution} ({self.difficulty}) with the built-in generator "
-                  f"into {self.folder} ({self.spec.num_images} images)")
-            try:
-                generate(self.spec, self.folder, workers=self.decode_workers)
-            except TooCrowded as err:
-                raise DataError(f"task.generator: {err} Change task.generator.contour_length (now "
-                                f"{self.spec.geometry().contour_length}) or the geometry options.") from None
+        """``source=generate``: generate the files once, under the folder's inter-process lock (a concurrent
+        job waits, then reuses them)."""
+        if self.spec is not None:
+
+            def make():
+                print(f"[lra] generating Pathfinder-{self.resolution} ({self.difficulty}) with the built-in "
+                      f"generator into {self.folder} ({self.spec.num_images} images)")
+                try:
+                    generate(self.spec, self.folder, workers=self.decode_workers)
+                except TooCrowded as err:
+                    raise DataError(f"task.generator: {err} Change task.generator.contour_length (now "
+                                    f"{self.spec.geometry().contour_length}) or the geometry options.") from None
+
+            store.make_once(self.folder, lambda: all(p.is_file() for p in self.source_files()), make,
+                            f"generating Pathfinder into {self.folder}")
         super().ensure_sources()
 
     def describe_source(self) -> dict:
@@ -390,12 +398,15 @@ class PathfinderDataModule(LRADataModule):
         labels = np.asarray([label for _, label, _ in rows], dtype=np.int64)
         return {"input_ids": pixels[keep], "label": labels[keep]}
 
+    def cache_extras(self) -> dict[str, str]:
+        return {BAD_REPORT: json.dumps(self.skipped, indent=1)} if self.skipped else {}
+
     def prepare_data(self) -> None:
-        """Prepare (once) and report what was skipped, also in ``<cache>/skipped.json`` for the run record."""
+        """Prepare (once) and report what was skipped, also in ``<cache>/skipped.json`` for the run record
+        (written with the arrays, before the cache folder is renamed into place)."""
         self.skipped = {}
         super().prepare_data()
         if self.skipped:
-            (self.cache_dir / BAD_REPORT).write_text(json.dumps(self.skipped, indent=1))
             counts = {split: len(v) for split, v in self.skipped.items()}
             if any(counts.values()):
                 example = next(item for v in self.skipped.values() for item in v)

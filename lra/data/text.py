@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lra.data import store
 from lra.data.base import DataError, LRADataModule
 
 BYTE_VOCAB = 257  # 256 byte values shifted by one, plus padding id 0
@@ -202,13 +203,19 @@ class HubDataModule(LRADataModule):
         import datasets
 
         target = self.hub_path or self.default_hub_folder
-        if target.is_dir():
+
+        def save():  # under the folder's lock, into a temporary unique to this process, renamed when complete
+            splits = self._load_hub(None)
+            store.remove_stale_partials(target.parent)
+            partial = store.partial_name(target)
+            try:
+                datasets.DatasetDict({s: splits[s] for s in ("train", "test")}).save_to_disk(str(partial))
+                os.replace(partial, target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+
+        if not store.make_once(target, target.is_dir, save, f"saving {self.hub_name} to {target}"):
             return f"{target} (already there)"
-        splits = self._load_hub(None)
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        datasets.DatasetDict({s: splits[s] for s in ("train", "test")}).save_to_disk(str(partial))
-        os.replace(partial, target)
         return str(target)
 
     def _split_plan(self, split: str) -> tuple[str, str]:
