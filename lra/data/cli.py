@@ -133,10 +133,15 @@ def cmd_status(args) -> int:
             print(f"  sources: {len(files) - len(missing)} of {len(files)} files present in {files[0].parent}")
             for path in missing[:5]:
                 print(f"  missing  {path}")
-        current = None if missing else dm.cache_dir
+        try:
+            current = None if missing else dm.cache_dir
+        except DataError as err:  # e.g. a hub dataset that cannot be loaded here
+            current = None
+            print(f"  -> cannot key the cache: {err}")
         caches = sorted(p for p in (dm.cache_root / dm.name).glob("*") if p.is_dir())
         for folder in caches:
-            state = "prepared" if (folder / "meta.json").is_file() else "incomplete (ignored; safe to delete)"
+            state = ("prepared" if (folder / "meta.json").is_file() else
+                     "incomplete (a prepare under way, or left by a killed one: the next prepare removes it)")
             mark = "   <- current options" if folder == current else ""
             print(f"  cache    {folder}  {_human(_folder_size(folder))}  {state}{mark}")
         if not caches:

@@ -262,11 +262,17 @@ class PathfinderDataModule(LRADataModule):
 
     # ---- sources ---------------------------------------------------------------------------------------------
     def source_files(self) -> list[Path]:
-        """The metadata files (their sizes and dates key the cache; the images are not stat'ed)."""
+        """The metadata files (the images they list are ``fingerprint_files`` too)."""
         if self.spec is not None:
             return metadata_files(self.folder, self.spec)
         found = sorted(self.root.glob("metadata/*.npy"), key=_numeric_order)
         return found or [self.root / "metadata"]
+
+    def fingerprint_files(self) -> list[Path]:
+        """The metadata files and every image they list: all their contents key the cache (hashed once, then
+        re-checked by stat). A missing or unreadable image is fingerprinted as such (it is skipped when read)."""
+        images = dict.fromkeys(path for path, _, _ in self.index() if path is not None)
+        return [*self.source_files(), *images]
 
     def missing_help(self, missing: list[Path]) -> str:
         shown = ", ".join(str(p) for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -314,7 +320,7 @@ class PathfinderDataModule(LRADataModule):
             out["generator"] = self.spec.as_dict()
         try:
             report = self.cache_dir / BAD_REPORT
-        except OSError:  # sources not there yet: nothing prepared to report on
+        except (OSError, DataError):  # sources not there yet: nothing prepared to report on
             return out
         if report.is_file():
             out["skipped"] = {split: len(v) for split, v in json.loads(report.read_text()).items()}

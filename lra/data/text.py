@@ -158,6 +158,43 @@ class HubDataModule(LRADataModule):
         folder = self.hub_folder
         return {"source": "hub", "dataset": self.hub_name, "folder": str(folder) if folder else None}
 
+    def source_fingerprint(self) -> dict:
+        """The hub copy's own identity in the cache key. A ``save_to_disk`` folder is in ``source_files`` (its
+        files' contents, ``state.json`` with the splits' ``_fingerprint`` included, key the cache); the Hugging
+        Face cache adds each split's ``datasets`` ``_fingerprint`` and the content fingerprints of its arrow
+        files; TFDS adds the builder's version and the content fingerprints of its prepared files."""
+        if self.source == "tfds":
+            return {"tfds": self._tfds_fingerprint()}
+        if self.hub_folder is not None:
+            return {}
+        splits, index, out = self._hub_splits(), self.fingerprint_index, {}
+        for name in ("train", "test"):
+            files = [Path(f["filename"]) for f in getattr(splits[name], "cache_files", [])]
+            out[name] = {"fingerprint": splits[name]._fingerprint,
+                         "files": [[p.name, index.digest(p, strict=False)[0]] for p in files]}
+        index.save()
+        return {"hub": out}
+
+    def _tfds_fingerprint(self) -> dict:
+        tfds = import_tfds()
+        try:
+            builder = tfds.builder(self.tfds_name, data_dir=self.tfds_dir)
+            folder = Path(builder.data_dir)
+            if not folder.is_dir():  # not prepared yet: do it now (tfds.load would), then fingerprint it
+                self.download()
+                folder = Path(tfds.builder(self.tfds_name, data_dir=self.tfds_dir).data_dir)
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of the library becomes one clear message
+            raise DataError(f"TFDS cannot find {self.tfds_name} (task.tfds_dir={self.tfds_dir}): "
+                            f"{type(err).__name__}: {err}. Run `lra-data download {self.name} task.source=tfds` "
+                            f"where there is network, or use task.source=hub.") from None
+        index = self.fingerprint_index
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        digests = [[str(p.relative_to(folder)), index.digest(p)[0]] for p in files]
+        index.save()
+        return {"version": str(getattr(builder, "version", "")), "files": digests}
+
     def cache_options(self) -> dict:
         dataset = self.tfds_name if self.source == "tfds" else self.hub_name
         return {"source": self.source, "dataset": dataset, "max_len": self.max_len,
