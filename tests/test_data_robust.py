@@ -1,5 +1,5 @@
-"""The data layer under fault injection: concurrent first use, killed prepares, edits that keep size and date.
-Each test is one finding of a fault-injection review; the files are tiny and written here in the
+"""The data layer under fault injection: concurrent first use, killed prepares, edits that keep size and date,
+deleted sources. Each test is one finding of a fault-injection review; the files are tiny and written here in the
 official formats. (Malformed files: tests/test_<task>.py; damaged downloads: tests/test_data_cli.py.)"""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
+from lra.data import DataError
 from lra.data.listops import ListOpsDataModule
 from lra.data.pathfinder import PathfinderDataModule
 from lra.data.pathfinder_generator import encode_png
@@ -299,3 +300,24 @@ def test_tfds_key_includes_the_prepared_files(tmp_path, monkeypatch):
     key = text(tmp_path, source="tfds", tfds_dir=str(tmp_path / "tfds")).cache_dir
     edit_keeping_size_and_mtime(shard, b"bad", b"BAD")
     assert text(tmp_path, source="tfds", tfds_dir=str(tmp_path / "tfds")).cache_dir != key
+
+
+# ---- 4. deleted sources ------------------------------------------------------------------------------------------
+def test_setup_on_a_cache_whose_sources_were_deleted_names_them(tmp_path):
+    folder = listops_release(tmp_path)
+    listops(tmp_path).prepare_data()
+    (folder / "basic_val.tsv").unlink()
+    with pytest.raises(DataError, match=r"missing: \S*basic_val.tsv\).*lra_release.gz.*task.source=generate"):
+        listops(tmp_path).setup()
+
+
+def test_setup_regenerates_deleted_generated_sources_and_names_a_damaged_cache(tmp_path):
+    dm = listops(tmp_path, source="generate", generator=TINY_LISTOPS)
+    dm.prepare_data()
+    (dm.folder / "basic_val.tsv").unlink()
+    again = listops(tmp_path, source="generate", generator=TINY_LISTOPS)
+    again.setup()  # generated again (same seed, same content): the same cache serves
+    assert again.cache_dir == dm.cache_dir and (dm.folder / "basic_val.tsv").is_file()
+    (dm.cache_dir / "test.label.npy").unlink()
+    with pytest.raises(DataError, match=r"the prepared test arrays are missing. Delete that folder and run again"):
+        listops(tmp_path, source="generate", generator=TINY_LISTOPS).setup()

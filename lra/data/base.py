@@ -290,13 +290,21 @@ class LRADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        self.ensure_sources()  # names missing sources and the fix (or makes generated ones again)
         folder = self.cache_dir
         if not (folder / "meta.json").is_file():
             self.prepare_data()
         for split in SPLITS:
-            arrays = {
-                f.name.split(".")[1]: np.load(f, mmap_mode="r") for f in sorted(folder.glob(f"{split}.*.npy"))
-            }
+            try:
+                arrays = {
+                    f.name.split(".")[1]: np.load(f, mmap_mode="r") for f in sorted(folder.glob(f"{split}.*.npy"))
+                }
+            except (OSError, ValueError) as err:
+                raise DataError(f"{folder}: the prepared {split} arrays cannot be read ({err}). Delete that folder "
+                                f"and run again: it is prepared anew.") from None
+            if "label" not in arrays:
+                raise DataError(f"{folder}: the prepared {split} arrays are missing. Delete that folder and run "
+                                f"again: it is prepared anew.")
             self.datasets[split] = ArrayDataset(arrays, self.seq_len, self.pad_id)
 
     def majority_rate(self, split: str = "test") -> float:
