@@ -41,11 +41,12 @@ def release_archive() -> bytes:
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.payload`` at /lra_release.gz with Range support and GCS's x-goog-hash md5 header."""
+    """Serves ``server.payload`` at /lra_release.gz (at any path with ``server.any_path``) with Range support and
+    GCS's x-goog-hash md5 header."""
 
     def _respond(self, body: bool):
         self.server.requests.append((self.command, self.path, self.headers.get("Range")))
-        if self.path != "/lra_release.gz":
+        if self.path != "/lra_release.gz" and not getattr(self.server, "any_path", False):
             self.send_error(404)
             return
         data, start = self.server.payload, 0
@@ -99,7 +100,7 @@ def test_download_verifies_records_and_flattens_the_nested_release(tmp_path, ser
     assert (release / "tsv_data" / "new_aan_pairs.eval.tsv").read_text() == AAN
     assert (release / "listops-1000" / "basic_train.tsv").read_text() == LISTOPS  # the nested copy won
     assert (release / "pathfinder128" / "readme.txt").read_text() == "top"
-    assert not (tmp_path / "data" / "lra_release.extracting").exists()
+    assert not list((tmp_path / "data").glob("lra_release.partial-*"))  # the staging folder is gone
     archive = tmp_path / "data" / "lra_release.gz"
     sha = hashlib.sha256(server.payload).hexdigest()
     assert archive.read_bytes() == server.payload
@@ -236,9 +237,88 @@ def test_extraction_refuses_escaping_members_and_broken_archives(tmp_path):
         tar.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(cli.DataError, match="points outside it"):
         cli.extract_release(evil, tmp_path / "release")
-    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "release.extracting").exists()
+    assert not (tmp_path / "outside.txt").exists() and not list(tmp_path.glob("release.partial-*"))
     truncated = tmp_path / "truncated.gz"
     truncated.write_bytes(release_archive()[:200])
     with pytest.raises(cli.DataError, match="not a complete tar.gz archive.*Delete it"):
         cli.extract_release(truncated, tmp_path / "release")
-    assert not (tmp_path / "release.extracting").exists()
+    assert not list(tmp_path.glob("release.partial-*"))
+
+
+# ---- what a damaged release, an error page, a bomb, a link or a folder URL gets ----
+def partials(folder) -> list:
+    return [p for p in folder.rglob("*") if ".partial" in p.name or ".extracting" in p.name]
+
+
+def test_force_downloads_again_and_repairs_a_damaged_release(tmp_path, server):
+    assert download(tmp_path, server.url) == 0
+    damaged = tmp_path / "data" / "lra_release" / "tsv_data" / "new_aan_pairs.train.tsv"
+    damaged.write_text(AAN[:10])
+    assert download(tmp_path, server.url) == 0  # without --force: the files are there, nothing to do
+    assert damaged.read_text() == AAN[:10]
+    assert download(tmp_path, server.url, "retrieval", "--force") == 0
+    assert damaged.read_text() == AAN
+    assert [r for r in server.requests if r[0] == "GET"] == [("GET", "/lra_release.gz", None)] * 2
+    assert (tmp_path / "data" / "lra_release" / "listops-1000" / "basic_train.tsv").read_text().startswith("Source")
+    assert not partials(tmp_path)
+
+
+def test_an_html_page_served_with_status_200_is_not_recorded(tmp_path, server, capsys):
+    server.payload = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n"
+    server.md5 = base64.b64encode(hashlib.md5(server.payload).digest()).decode()
+    assert download(tmp_path, server.url) == 2
+    err = capsys.readouterr().err
+    assert "did not send the release archive" in err and "an HTML page" in err and "Sign in" in err
+    assert not any((tmp_path / "data").glob("lra_release.gz*"))  # no archive, no partial file, no SHA-256 record
+
+
+def test_an_existing_archive_that_is_not_one_is_not_recorded(tmp_path, server, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "lra_release.gz").write_text("<html><body>404 Not Found</body></html>")
+    assert download(tmp_path, server.url) == 2
+    assert "is not the release archive: it holds" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "lra_release.gz.sha256").exists()
+
+
+def _archive(path, members):
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def test_extraction_stops_at_a_size_limit(tmp_path):
+    bomb = _archive(tmp_path / "bomb.tar.gz", [_file("lra_release/lra_release/listops-1000/basic_train.tsv",
+                                                     bytes(8 << 20))])
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(cli.DataError, match=r"refusing to extract .*basic_train.tsv.*would exceed .*--max-extract-gb"):
+        cli.extract_release(bomb, tmp_path / "release")
+    assert not (tmp_path / "release").exists() and not partials(tmp_path)
+    assert cli.extract_release(bomb, tmp_path / "release", limit=9 << 20) == ["listops-1000"]
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_extraction_refuses_links(tmp_path, kind):
+    (tmp_path / "secret").write_text("outside the release")
+    link = tarfile.TarInfo("lra_release/lra_release/listops-1000")
+    link.type, link.linkname = kind, "../../secret" if kind == tarfile.SYMTYPE else "lra_release/secret"
+    archive = _archive(tmp_path / "links.tar.gz", [_file("lra_release/secret", b"x"), (link, None)])
+    # a relative symlink inside the staging folder; flattened into the release it would point at tmp_path/secret
+    with pytest.raises(cli.DataError, match=r"refusing the archive member 'lra_release/lra_release/listops-1000', a "
+                                        r"(symbolic|hard) link to .*links are not extracted"):
+        cli.extract_release(archive, tmp_path / "data" / "release")
+    assert not (tmp_path / "data" / "release").exists() and not partials(tmp_path)
+
+
+def test_a_url_ending_in_a_slash_is_a_clear_error(tmp_path, server, capsys):
+    server.any_path = True  # a server that answers 200 for the folder too
+    url = server.url.rsplit("/", 1)[0] + "/"
+    assert download(tmp_path, url) == 2
+    assert f"--url {url} names a folder, not the archive file" in capsys.readouterr().err
+    assert not server.requests

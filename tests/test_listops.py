@@ -155,3 +155,25 @@ def test_generate_source_is_announced_and_labelled(tmp_path, capsys):
     assert dm.describe_source()["source"] == "generated"
     with pytest.raises(DataError, match="task.source must be"):
         _module(tmp_path, source="download")
+
+
+# ---- robustness: bytes and labels the reader must refuse or skip ----
+@pytest.mark.parametrize("content,match", [
+    (b"Source\tTarget\n( ( [MIN 1 ) ] )\t1\n( ( [MAX \xff 2 ) ] )\t2\n",
+     r"basic_train.tsv:3: malformed ListOps row \(not UTF-8 text: byte 0xff at column 10\).*download listops --force"),
+    ("Source\tTarget\n( ( [MIN 1 ) ] )\t\u00b2\n".encode(), r"basic_train.tsv:2: .*label '\u00b2'"),
+    ("Source\tTarget\n( ( [MIN 1 ) ] )\t\u0663\n".encode(), r"basic_train.tsv:2: .*label '\u0663'"),
+    ("Source\tTarget\n( ( [MIN 1 ) ] )\t\uff11\n".encode(), r"basic_train.tsv:2: .*label '\uff11'"),
+    (b"", r"basic_train.tsv: empty file"),
+])
+def test_listops_reader_names_file_and_line_of_bad_bytes_and_labels(tmp_path, content, match):
+    path = tmp_path / "basic_train.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        read_tsv(path, max_len=10)
+
+
+def test_listops_reader_skips_blank_lines(tmp_path):
+    path = tmp_path / "basic_train.tsv"
+    path.write_bytes(b"Source\tTarget\r\n( ( [MIN 1 ) ] )\t1\r\n\r\n( ( [MAX 3 ) ] )\t3\n\n")
+    assert read_tsv(path, max_len=4)["label"].tolist() == [1, 3]

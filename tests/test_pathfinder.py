@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
@@ -212,6 +213,42 @@ def test_bad_files_are_skipped_counted_and_reported(tmp_path, capsys):
     assert any("malformed metadata line" in r for r in reasons)
     assert "skipped 3 unreadable entries" in capsys.readouterr().out
     assert sum(dm.describe_source()["skipped"].values()) == 3
+
+
+def test_pathfinder_metadata_lines_that_are_not_utf8_are_skipped_and_named(tmp_path):
+    root = _release(tmp_path, num_images=40)
+    meta = root / "metadata" / "0.npy"
+    lines = meta.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"sample_1.png", b"sample_\xff.png")
+    meta.write_bytes(b"".join(lines))
+    dm = _module(tmp_path, max_bad_fraction=0.5)
+    dm.prepare_data()
+    reasons = [(where, why) for entries in dm.skipped.values() for where, why in entries]
+    assert reasons == [(f"{meta}:2", "metadata line is not UTF-8 text")]
+
+
+def test_damaged_npy_metadata_is_an_error_naming_the_file(tmp_path):
+    root = _release(tmp_path, num_images=40)
+    meta = root / "metadata" / "1.npy"
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([line.split() for line in meta.read_text().splitlines()]))
+    meta.write_bytes(buffer.getvalue()[:90])  # a truncated real .npy array
+    with pytest.raises(DataError, match=r"metadata/1.npy: a damaged .npy metadata array .*--force"):
+        _module(tmp_path).prepare_data()
+
+
+def test_a_directory_instead_of_an_image_is_skipped_and_counted(tmp_path):
+    root = _release(tmp_path, num_images=40)
+    image = root / "imgs" / "1" / "sample_2.png"
+    image.unlink()
+    image.mkdir()
+    dm = _module(tmp_path, max_bad_fraction=0.5)
+    dm.prepare_data()
+    dm.setup()
+    skipped = json.loads((dm.cache_dir / "skipped.json").read_text())
+    assert [entry for entries in skipped.values() for entry in entries] == [
+        [str(image), "a directory, not an image file"]]
+    assert sum(len(d) for d in dm.datasets.values()) == 39
 
 
 def test_too_many_bad_files_is_an_error(tmp_path):

@@ -142,3 +142,21 @@ def test_fast_dev_run_trains_the_dual_encoder(make_cfg, tmp_path):
     record = lra.train.run(cfg)
     assert record["task"] == "retrieval" and 0 <= record["test_acc"] <= 1
     assert record["data"]["source"] == "release" and record["data"]["sizes"] == {"train": 4, "val": 4, "test": 4}
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\xff\ta\tb\tx\ty\n", r"pairs.tsv:1: .*label '\ufffd' is not 0 or 1"),
+    ("\u0661\ta\tb\tx\ty\n".encode(), r"pairs.tsv:1: .*label '\u0661' is not 0 or 1"),
+])
+def test_retrieval_reader_refuses_non_ascii_labels(tmp_path, content, match):
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        read_pairs_tsv(path, max_len=8)
+
+
+def test_retrieval_reader_keeps_raw_bytes_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(b"1\ta\tb\tx\xff\ty\n\n\n")  # texts are bytes, as LRA encodes them: not UTF-8 is fine
+    arrays = read_pairs_tsv(path, max_len=3)
+    assert arrays["input_ids"].tolist() == [[ord("x") + 1, 256, 0]] and arrays["label"].tolist() == [1]

@@ -5,9 +5,13 @@ A task subclass says which files it reads (``source_files``), how to explain the
 
 * checks the sources and raises ``DataError`` naming every missing file and the fix;
 * prepares each split once into ``<cache_dir>/<task>/<key>/`` where ``key`` hashes the preprocessing
-  options and the sources' names, sizes and modification times, so a second run starts at once and a
-  change of options or files re-prepares. The folder is written under a temporary name and renamed
-  when complete: an interrupted prepare leaves nothing a later run would trust;
+  options and the content of the sources (``fingerprint_files``: SHA-256 fingerprints kept in
+  ``<cache_dir>/<task>/fingerprints.json`` and re-checked by stat, ``lra.data.store``) plus what a hub
+  library says of its copy (``source_fingerprint``), so a second run starts at once and any change of
+  options or content re-prepares, even an edit that keeps the file's size and date. The folder is
+  written under a temporary name (``<key>.partial-<host>-<pid>``) and renamed when complete, under an
+  inter-process lock: an interrupted prepare leaves nothing a later run would trust, a concurrent one
+  waits and reuses the result, and temporaries of killed prepares are removed by the next one;
 * serves memory-mapped arrays as batches ``{input_ids [B, L] long, mask [B, L] bool, label [B] long}``
   padded with id 0 to ``seq_len`` (two-input tasks add ``input_ids_2``/``mask_2``).
 """
@@ -18,12 +22,15 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lra.data import store
 
 SPLITS = ("train", "val", "test")
 RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"  # LRA's data release
@@ -143,6 +150,8 @@ class LRADataModule(L.LightningDataModule):
         self.seq_len, self.max_len, self.num_workers = seq_len, max_len, num_workers
         self.cache_root = Path(cache_dir)
         self.datasets: dict[str, ArrayDataset] = {}
+        self._key: str | None = None  # the cache key, computed once per instance (``cache_dir``)
+        self._signatures: dict[str, list[int] | None] = {}  # stat of each fingerprinted file when keyed
 
     # ---- what a task provides -------------------------------------------------------------------
     def source_files(self) -> list[Path]:
@@ -163,6 +172,19 @@ class LRADataModule(L.LightningDataModule):
         """Arrays of one split: ``input_ids`` ``[n, max_len]`` (0 = padding), ``label`` ``[n]``."""
         raise NotImplementedError
 
+    def fingerprint_files(self) -> list[Path]:
+        """The files whose content keys the cache (default: ``source_files``). Each ``source_files`` entry
+        must exist; any other entry may be missing or not a file (its fingerprint then says so)."""
+        return self.source_files()
+
+    def source_fingerprint(self) -> dict:
+        """What keys the cache beside the files' content: a hub library's own fingerprint of its copy."""
+        return {}
+
+    def cache_extras(self) -> dict[str, str]:
+        """Extra text files written into the cache folder with the arrays (name -> content)."""
+        return {}
+
     # ---- the shared machinery -------------------------------------------------------------------
     @staticmethod
     def missing_release_files(release: Path, missing: list[Path]) -> str:
@@ -177,43 +199,113 @@ class LRADataModule(L.LightningDataModule):
             raise DataError(self.missing_help(missing))
 
     @property
+    def fingerprint_index(self) -> store.FingerprintIndex:
+        """This task's fingerprint index (``<cache_dir>/<task>/fingerprints.json``)."""
+        return store.FingerprintIndex(self.cache_root / self.name / "fingerprints.json")
+
+    def _fingerprints(self) -> tuple[list[list[str]], dict[str, list[int] | None]]:
+        """``[relative name, content fingerprint]`` of every ``fingerprint_files`` entry, and their stats."""
+        sources = self.source_files()
+        missing = [p for p in sources if not p.is_file()]
+        if missing:
+            raise DataError(self.missing_help(missing))
+        required = {str(p) for p in sources}
+        files = self.fingerprint_files()
+        index = self.fingerprint_index
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else ""
+        pairs, signatures = [], {}
+        for path in files:
+            digest, signatures[str(path)] = index.digest(path, strict=str(path) in required)
+            pairs.append([os.path.relpath(os.path.abspath(path), root), digest])
+        index.save()
+        return pairs, signatures
+
+    @property
     def cache_dir(self) -> Path:
-        files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.source_files()]
-        blob = json.dumps({"options": self.cache_options(), "files": files}, sort_keys=True)
-        return self.cache_root / self.name / hashlib.sha1(blob.encode()).hexdigest()[:16]
+        """``<cache_dir>/<task>/<key>``: ``key`` hashes ``cache_options``, the content fingerprints of
+        ``fingerprint_files`` and ``source_fingerprint``. Computed once per instance; missing sources are a
+        ``DataError`` naming them and the fix."""
+        if self._key is None:
+            pairs, self._signatures = self._fingerprints()
+            blob = json.dumps({"options": self.cache_options(), "files": pairs, "source": self.source_fingerprint()},
+                              sort_keys=True)
+            self._key = hashlib.sha1(blob.encode()).hexdigest()[:16]
+        return self.cache_root / self.name / self._key
+
+    def _check_unchanged(self) -> None:
+        """Refuse to store a cache whose sources changed while it was being prepared."""
+        changed = []
+        for name, before in self._signatures.items():
+            try:
+                st = os.stat(name)
+                now = store.signature(st) if stat.S_ISREG(st.st_mode) else None
+            except OSError:
+                now = None
+            if now != before:
+                changed.append(name)
+        if changed:
+            self._key = None
+            raise DataError(
+                f"{changed[0]}{f' (and {len(changed) - 1} more source files)' if len(changed) > 1 else ''} changed "
+                f"while {self.name} was being prepared; nothing was cached. Let whatever writes it finish, then "
+                f"run again."
+            )
 
     def prepare_data(self) -> None:
+        """Prepare the cache once: under the cache folder's lock (a concurrent prepare of the same data waits,
+        then reuses it), into a unique temporary folder renamed when complete."""
         self.ensure_sources()
         final = self.cache_dir
         if (final / "meta.json").is_file():
             return
-        tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        meta = {"task": self.name, "options": self.cache_options(), "sizes": {}}
-        for split in SPLITS:
-            arrays = self.read_split(split)
-            for key, value in arrays.items():
-                if key.startswith("input_ids"):
-                    value = value.astype(_smallest_int_dtype(self.vocab_size), copy=False)
-                np.save(tmp / f"{split}.{key}.npy", value)
-            meta["sizes"][split] = int(len(arrays["label"]))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # a concurrent prepare finished first; theirs is as good as ours
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
+        with store.lock(final, f"preparing {self.name}"):
+            if (final / "meta.json").is_file():  # made by a concurrent prepare while this one waited
+                return
+            store.remove_stale_partials(final.parent)
+            tmp = store.partial_name(final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                meta = {"task": self.name, "options": self.cache_options(), "sizes": {}}
+                for split in SPLITS:
+                    arrays = self.read_split(split)
+                    for key, value in arrays.items():
+                        if key.startswith("input_ids"):
+                            value = value.astype(_smallest_int_dtype(self.vocab_size), copy=False)
+                        np.save(tmp / f"{split}.{key}.npy", value)
+                    meta["sizes"][split] = int(len(arrays["label"]))
+                for name, text in self.cache_extras().items():
+                    (tmp / name).write_text(text)
+                self._check_unchanged()
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                if final.exists():  # an incomplete folder of an older version; nobody else writes it (locked)
+                    shutil.rmtree(final)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    if not (final / "meta.json").is_file():  # unlocked file system: a concurrent prepare won
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        self.ensure_sources()  # names missing sources and the fix (or makes generated ones again)
         folder = self.cache_dir
         if not (folder / "meta.json").is_file():
             self.prepare_data()
         for split in SPLITS:
-            arrays = {
-                f.name.split(".")[1]: np.load(f, mmap_mode="r") for f in sorted(folder.glob(f"{split}.*.npy"))
-            }
+            try:
+                arrays = {
+                    f.name.split(".")[1]: np.load(f, mmap_mode="r") for f in sorted(folder.glob(f"{split}.*.npy"))
+                }
+            except (OSError, ValueError) as err:
+                raise DataError(f"{folder}: the prepared {split} arrays cannot be read ({err}). Delete that folder "
+                                f"and run again: it is prepared anew.") from None
+            if "label" not in arrays:
+                raise DataError(f"{folder}: the prepared {split} arrays are missing. Delete that folder and run "
+                                f"again: it is prepared anew.")
             self.datasets[split] = ArrayDataset(arrays, self.seq_len, self.pad_id)
 
     def majority_rate(self, split: str = "test") -> float:

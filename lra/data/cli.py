@@ -1,7 +1,7 @@
 """``lra-data``: get, check, prepare and time the data of every task.
 
     lra-data status   [TASK ...] [--data-dir D] [--lra-release R] [OVERRIDES ...]
-    lra-data download TASK [--data-dir D] [--lra-release R] [--url URL] [--force] [OVERRIDES ...]
+    lra-data download TASK [--data-dir D] [--lra-release R] [--url URL] [--force] [--max-extract-gb G] [OVERRIDES ...]
     lra-data prepare  TASK [--data-dir D] [--lra-release R] [OVERRIDES ...]
     lra-data generate TASK [--data-dir D] [listops: --seed N --num-train N ...] [OVERRIDES ...]
     lra-data bench    TASK [--batches N] [--steps N] [OVERRIDES ...]
@@ -17,8 +17,14 @@ so its paths, options and cache keys are exactly those of ``python -m lra.train 
   it (``datasets.load_dataset`` then ``save_to_disk`` under ``<data_dir>/hub/``); every other task gets LRA's
   release archive: fetched into ``<data_dir>`` with resume (HTTP Range) and checked (the size the server
   announces, the MD5 of Google Cloud Storage's ``x-goog-hash`` header when sent; LRA publishes no checksum, so
-  the SHA-256 of the file is computed and recorded next to it in ``<archive>.sha256`` and checked on reuse),
-  then extracted and flattened into ``paths.lra_release`` (the archive nests ``lra_release/lra_release/``).
+  the SHA-256 of the file is computed and recorded next to it in ``<archive>.sha256`` and checked on reuse;
+  nothing is recorded or kept unless the file opens as a gzip-compressed tar, so an error page served with
+  status 200 is reported, not trusted), then extracted and flattened into ``paths.lra_release`` (the archive
+  nests ``lra_release/lra_release/``). Extraction refuses links (the release has none; a relative link could
+  point outside the folder once flattened), anything but files and folders, paths leaving the folder, and
+  more than ``--max-extract-gb`` (default ``EXTRACT_RATIO`` times the archive's size) of content. Entries
+  already in ``paths.lra_release`` are kept; ``--force`` downloads the archive again and extracts it over
+  them (the way to repair a damaged release). One download runs at a time per release folder (a lock).
 * ``prepare``: the datamodule's cached, atomic ``prepare_data`` with a progress bar.
 * ``generate``: tasks with ``source: generate`` (ListOps, Pathfinder, Path-X): the files that
   ``task.source=generate`` trains on, in the folder training reads (the datamodule's ``ensure_sources`` makes
@@ -44,16 +50,19 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from lra.data import store
 from lra.data.base import RELEASE_URL, SPLITS, DataError
 from lra.data.listops_generator import ListOpsSpec
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CHUNK = 1 << 20
+EXTRACT_RATIO = 20  # extraction stops beyond this multiple of the whole archive's size (--max-extract-gb)
 SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {"set_attrs": False}
 
 
@@ -133,10 +142,15 @@ def cmd_status(args) -> int:
             print(f"  sources: {len(files) - len(missing)} of {len(files)} files present in {files[0].parent}")
             for path in missing[:5]:
                 print(f"  missing  {path}")
-        current = None if missing else dm.cache_dir
+        try:
+            current = None if missing else dm.cache_dir
+        except DataError as err:  # e.g. a hub dataset that cannot be loaded here
+            current = None
+            print(f"  -> cannot key the cache: {err}")
         caches = sorted(p for p in (dm.cache_root / dm.name).glob("*") if p.is_dir())
         for folder in caches:
-            state = "prepared" if (folder / "meta.json").is_file() else "incomplete (ignored; safe to delete)"
+            state = ("prepared" if (folder / "meta.json").is_file() else
+                     "incomplete (a prepare under way, or left by a killed one: the next prepare removes it)")
             mark = "   <- current options" if folder == current else ""
             print(f"  cache    {folder}  {_human(_folder_size(folder))}  {state}{mark}")
         if not caches:
@@ -174,11 +188,50 @@ def _digests(path: Path) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def fetch(url: str, dest: Path, task: str = "TASK", timeout: float = 30.0) -> Path:
+def _describe(head: bytes, content_type: str | None) -> str:
+    """What a file that should be the archive holds instead, for messages (from its first bytes)."""
+    text = head.lstrip()[:200].lower()
+    if not head:
+        kind = "an empty file"
+    elif text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
+        kind = "an HTML page"
+    elif text.startswith((b"<?xml", b"<error")):
+        kind = "an XML document"
+    elif text.startswith((b"{", b"[")):
+        kind = "a JSON document"
+    else:
+        kind = "data that is not gzip"
+    snippet = " ".join(head[:80].decode("utf-8", errors="replace").split())
+    typed = f", served as {content_type}" if content_type else ""
+    return f"{kind}{typed}, starting {snippet!r}"
+
+
+def archive_problem(path: Path, content_type: str | None = None) -> str | None:
+    """``None`` when ``path`` opens as a gzip-compressed tar archive (its first member header is read),
+    else what it is instead."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head.startswith(b"\x1f\x8b"):
+        return f"{path.stat().st_size} bytes of {_describe(head, content_type)}"
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            tar.next()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        return f"a gzip file that is not a tar archive ({err})"
+    return None
+
+
+def fetch(url: str, dest: Path, task: str = "TASK", timeout: float = 30.0, force: bool = False) -> Path:
     """Download ``url`` to ``dest`` via ``dest.part`` (resumed with an HTTP Range request when present),
-    check it and record its SHA-256 in ``dest.sha256``. An existing ``dest`` is checked against that record."""
+    check it (size, the server's MD5, and that it opens as a gzip-compressed tar) and record its SHA-256 in
+    ``dest.sha256``. An existing ``dest`` is checked against that record; ``force`` downloads afresh (an
+    existing ``dest`` is replaced only by a complete, checked download)."""
     record = dest.with_name(dest.name + ".sha256")
-    if dest.is_file():
+    if dest.is_file() and not force:
+        problem = archive_problem(dest)
+        if problem:
+            raise DataError(f"{dest} is not the release archive: it holds {problem}. Delete it (and {record.name} "
+                            f"if there) and run the command again to download it, or use --force.")
         sha, _ = _digests(dest)
         if record.is_file() and record.read_text().split()[0] != sha:
             raise DataError(f"{dest} does not match its recorded SHA-256 ({record}); delete both and download again.")
@@ -187,6 +240,8 @@ def fetch(url: str, dest: Path, task: str = "TASK", timeout: float = 30.0) -> Pa
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    if force:
+        part.unlink(missing_ok=True)
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -198,9 +253,10 @@ def fetch(url: str, dest: Path, task: str = "TASK", timeout: float = 30.0) -> Pa
             raise _offline_help(url, dest, task, f"HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:
         raise _offline_help(url, dest, task, str(getattr(err, "reason", err))) from None
-    md5 = None
+    md5 = content_type = None
     if resp is not None:
         with resp:
+            content_type = resp.headers.get("Content-Type")
             resumed = have > 0 and resp.status == 206
             if resumed:  # "Content-Range: bytes <first>-<last>/<total>"
                 total = resp.headers.get("Content-Range", "").rpartition("/")[2]
@@ -226,6 +282,12 @@ def fetch(url: str, dest: Path, task: str = "TASK", timeout: float = 30.0) -> Pa
         part.unlink()
         raise DataError(f"{url}: the downloaded file's MD5 {got_md5} differs from the server's {md5}; it was "
                         f"deleted. Rerun the command to download it again.")
+    problem = archive_problem(part, content_type)
+    if problem:
+        part.unlink()
+        raise DataError(f"{url} did not send the release archive: it sent {problem} (an error or login page?). "
+                        f"Nothing was kept or recorded. Check the URL (LRA's is {RELEASE_URL}) and the network "
+                        f"(a proxy or captive portal), or download the archive by hand and put it at {dest}.")
     os.replace(part, dest)
     record.write_text(f"{sha}  {dest.name}\n")
     checked = "MD5 checked against the server's x-goog-hash; " if md5 else ""
@@ -242,44 +304,78 @@ def _release_roots(staging: Path) -> list[Path]:
     return chain[::-1]
 
 
-def _safe_members(tar: tarfile.TarFile):
-    """The archive's members, refusing paths that leave the folder; links are left to the ``data`` filter
-    (skipped where Python lacks it)."""
+def _safe_members(tar: tarfile.TarFile, archive: Path, limit: int):
+    """The archive's members: plain files and folders inside it, ``limit`` bytes of content in all. Anything
+    else is refused with a ``DataError``: paths that leave the folder, links (LRA's release has none, and a
+    relative link can point outside ``paths.lra_release`` once the nested folders are flattened), devices."""
+    total = 0
     for member in tar:
         if member.name.startswith("/") or ".." in Path(member.name).parts:
-            raise DataError(f"{tar.name}: refusing the archive member {member.name!r}, which points outside it.")
-        if "filter" in SAFE_EXTRACT or not (member.issym() or member.islnk()):
-            yield member
+            raise DataError(f"{archive}: refusing the archive member {member.name!r}, which points outside it. "
+                            f"This is not LRA's release: download it from {RELEASE_URL}.")
+        if member.issym() or member.islnk():
+            kind = "a symbolic link" if member.issym() else "a hard link"
+            raise DataError(f"{archive}: refusing the archive member {member.name!r}, {kind} to "
+                            f"{member.linkname!r}: links are not extracted (LRA's release has none, and a relative "
+                            f"link could point outside the release folder once the nested lra_release/ folders are "
+                            f"flattened). Nothing was extracted; download the release from {RELEASE_URL}.")
+        if not (member.isfile() or member.isdir()):
+            raise DataError(f"{archive}: refusing the archive member {member.name!r}, which is neither a file nor "
+                            f"a folder. Nothing was extracted; download the release from {RELEASE_URL}.")
+        total += member.size
+        if total > limit:
+            raise DataError(
+                f"{archive}: refusing to extract {member.name!r}: the content would exceed {_human(limit)} "
+                f"({EXTRACT_RATIO}x the archive's size unless --max-extract-gb says otherwise; a release of text "
+                f"and PNG images unpacks to far less), so this looks like a decompression bomb or the wrong file. "
+                f"Nothing was extracted. If the archive is what you meant, raise --max-extract-gb."
+            )
+        yield member
 
 
-def extract_release(archive: Path, target: Path) -> list[str]:
+def extract_release(archive: Path, target: Path, replace: bool = False, limit: int | None = None) -> list[str]:
     """Extract ``archive`` and move the contents of its (nested) ``lra_release/`` folders into ``target``;
-    deeper folders win, entries already in ``target`` are kept. Returns the names moved in."""
-    staging = target.with_name(target.name + ".extracting")
+    deeper folders win. Entries already in ``target`` are kept, or with ``replace`` replaced (``--force``).
+    ``limit``: the most bytes of content extracted (default ``EXTRACT_RATIO`` times the archive's size).
+    Returns the names moved in."""
+    limit = EXTRACT_RATIO * archive.stat().st_size if limit is None else limit
+    store.remove_stale_partials(target.parent)
+    staging = store.partial_name(target)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tqdm(_safe_members(tar), desc=f"extract {archive.name}", unit=" files", disable=None):
-                tar.extract(member, staging, **SAFE_EXTRACT)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DataError(f"{archive} is not a complete tar.gz archive ({err}). Delete it and download again.") from None
-    except BaseException:  # refused member, interruption: leave no half-extracted folder behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    target.mkdir(parents=True, exist_ok=True)
-    moved = []
-    for root in _release_roots(staging):
-        for child in sorted(root.iterdir()):
-            if child.name != "lra_release" and not (target / child.name).exists():
-                shutil.move(str(child), str(target / child.name))
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = _safe_members(tar, archive, limit)
+                for member in tqdm(members, desc=f"extract {archive.name}", unit=" files", disable=None):
+                    tar.extract(member, staging, **SAFE_EXTRACT)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            raise DataError(f"{archive} is not a complete tar.gz archive ({err}). Delete it and download again "
+                            f"(`lra-data download TASK --force`).") from None
+        target.mkdir(parents=True, exist_ok=True)
+        moved, trash = [], staging / ".replaced"
+        for root in _release_roots(staging):
+            for child in sorted(root.iterdir()):
+                dest = target / child.name
+                if child.name in ("lra_release", trash.name) or child.name in moved:
+                    continue
+                if dest.exists() or dest.is_symlink():
+                    if not replace:
+                        continue
+                    trash.mkdir(exist_ok=True)
+                    os.replace(dest, trash / child.name)  # out of the way; removed with the staging folder
+                shutil.move(str(child), str(dest))
                 moved.append(child.name)
-    shutil.rmtree(staging)
+    finally:  # refused member, broken archive, interruption: leave no half-extracted folder behind
+        shutil.rmtree(staging, ignore_errors=True)
     return moved
 
 
 def cmd_download(args) -> int:
+    name = Path(urlparse(args.url).path).name
+    if not name or args.url.endswith("/"):
+        raise DataError(f"--url {args.url} names a folder, not the archive file (it ends in '/' or has no file "
+                        f"name). Give the archive's own URL, e.g. {RELEASE_URL}.")
     cfg = compose_task(args.task, args.overrides, args.data_dir, args.lra_release)
     dm = datamodule(cfg)
     if hasattr(dm, "download"):
@@ -291,9 +387,16 @@ def cmd_download(args) -> int:
     if not args.force and all(p.is_file() for p in dm.source_files()):
         print(f"{args.task}: the release files are already in {cfg.paths.lra_release}; nothing to do (--force to redo)")
         return 0
-    archive = fetch(args.url, Path(cfg.paths.data_dir) / Path(urlparse(args.url).path).name, args.task, args.timeout)
-    moved = extract_release(archive, Path(cfg.paths.lra_release))
-    print(f"extracted into {cfg.paths.lra_release}: {', '.join(moved) or 'nothing new'}")
+    release = Path(cfg.paths.lra_release)
+    limit = None if args.max_extract_gb is None else int(args.max_extract_gb * 2**30)
+    with store.lock(release, f"downloading the LRA release into {release}"):
+        if not args.force and all(p.is_file() for p in dm.source_files()):  # a concurrent download provided them
+            print(f"{args.task}: the release files are already in {release}; nothing to do (--force to redo)")
+            return 0
+        archive = fetch(args.url, Path(cfg.paths.data_dir) / name, args.task, args.timeout, force=args.force)
+        moved = extract_release(archive, release, replace=args.force, limit=limit)
+    how = "replaced or added" if args.force else "extracted"
+    print(f"{how} in {release}: {', '.join(moved) or 'nothing new'}")
     missing = [p for p in dm.source_files() if not p.is_file()]
     if missing:
         raise DataError(f"the archive did not provide what {args.task} reads: {dm.missing_help(missing)}")
@@ -429,7 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     download = command("download", cmd_download, "fetch a task's source (LRA release archive or hub dataset)")
     download.add_argument("--url", default=RELEASE_URL, help=f"the release archive (default {RELEASE_URL})")
     download.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
-    download.add_argument("--force", action="store_true", help="download and extract even if the files are there")
+    download.add_argument("--force", action="store_true",
+                          help="download the archive again and extract it over what is there (repairs a damaged "
+                               "release)")
+    download.add_argument("--max-extract-gb", type=float, default=None,
+                          help=f"refuse to extract more than this (default: {EXTRACT_RATIO}x the archive's size)")
     command("prepare", cmd_prepare, "prepare (tokenise and cache) a task's splits")
     gen = command("generate", cmd_generate, "make a task's data offline with its generator (task.source=generate)",
                   release=False)

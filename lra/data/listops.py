@@ -5,7 +5,7 @@ Sources (``source`` option):
 * ``release``: ``<lra_release>/listops-1000/basic_{train,val,test}.tsv`` from LRA's ``lra_release.gz``;
 * ``generate``: the same files made by the built-in LRA generator (``lra.data.listops_generator``) under
   ``<data_dir>/generated/listops-<hash of the generator options>/``, generated on first use (announced,
-  with a progress bar) and reused afterwards.
+  with a progress bar; one job generates, concurrent ones wait for it) and reused afterwards.
 
 Tokenisation follows LRA's input pipeline after its bracket fix: ``]`` becomes ``X``, ``(`` and ``)`` are
 removed, the rest is split on whitespace; inputs are cut to ``max_len`` (2000). LRA builds its vocabulary
@@ -16,13 +16,13 @@ an unknown token is reported as a malformed row.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from lra.data import store
 from lra.data.base import RELEASE_URL, DataError, LRADataModule
 from lra.data.listops_generator import ListOpsSpec, generate
 
@@ -44,36 +44,46 @@ def tokenize(source: str) -> list[str]:
 def read_tsv(path: Path, max_len: int) -> dict[str, np.ndarray]:
     """Token ids ``[n, max_len]`` (0-padded) and labels ``[n]`` of one ListOps TSV file.
 
+    The file is UTF-8 text: a ``Source<TAB>Target`` header, then ``<expression><TAB><label>`` rows (no
+    quoting; ``\\r\\n`` line ends are accepted), the label one ASCII digit 0-9. Blank lines are skipped.
     Raises ``DataError`` naming the file and line of the first malformed row.
     """
-    ids, labels = [], []
-    with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header != ["Source", "Target"]:
-            raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', found {header!r}.")
-        for row in reader:
-            line = reader.line_num
+    ids, labels, header = [], [], False
+    fix = (f"Fix the file, or get it again: `lra-data download listops --force` re-extracts the release; for "
+           f"generated data delete {path.parent} and run `lra-data generate listops` (or train: it regenerates).")
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
 
-            def bad(why, line=line):
-                return DataError(
-                    f"{path}:{line}: malformed ListOps row ({why}). Each row must be "
-                    f"'<expression><TAB><label 0-9>'. Fix or regenerate the file (`lra-data generate listops`)."
-                )
+            def bad(why, line_no=line_no):
+                return DataError(f"{path}:{line_no}: malformed ListOps row ({why}). Each row must be "
+                                 f"'<expression><TAB><label 0-9>' after the 'Source<TAB>Target' header. {fix}")
 
+            try:
+                line = raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as err:
+                raise bad(f"not UTF-8 text: byte {raw[err.start]:#04x} at column {err.start + 1}") from None
+            row = line.split("\t")
+            if line_no == 1:
+                if row != ["Source", "Target"]:
+                    raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', found {line[:60]!r}. {fix}")
+                header = True
+                continue
+            if not line.strip():
+                continue
             if len(row) != 2:
                 raise bad(f"{len(row)} tab-separated fields")
             source, target = row
-            if not target.strip().isdigit() or not 0 <= int(target) <= 9:
-                raise bad(f"label {target!r} is not an integer in 0..9")
+            label = target.strip()
+            if not (label.isascii() and label.isdigit() and int(label) <= 9):  # str.isdigit alone takes '²', '٣'
+                raise bad(f"label {target!r} is not an integer 0-9 in ASCII digits")
             tokens = tokenize(source)
             unknown = sorted({t for t in tokens if t not in TOKEN_ID})
             if unknown or not tokens:
                 raise bad(f"unknown tokens {unknown[:5]}" if unknown else "empty expression")
             ids.append([TOKEN_ID[t] for t in tokens[:max_len]])
-            labels.append(int(target))
+            labels.append(int(label))
     if not labels:
-        raise DataError(f"{path}: no rows after the header. Regenerate it (`lra-data generate listops`).")
+        raise DataError(f"{path}: {'no rows after the header' if header else 'empty file'}. {fix}")
     out = np.zeros((len(ids), max_len), dtype=np.uint8)
     for row, seq in zip(out, ids, strict=True):
         row[: len(seq)] = seq
@@ -116,9 +126,16 @@ class ListOpsDataModule(LRADataModule):
         )
 
     def ensure_sources(self) -> None:
-        if self.source == "generate" and not all(p.is_file() for p in self.source_files()):
-            print(f"[lra] generating ListOps with the LRA algorithm into {self.folder} ({self.spec})")
-            generate(self.spec, self.folder)
+        """``source=generate``: generate the files once, under the folder's inter-process lock (a concurrent
+        job waits, then reuses them)."""
+        if self.source == "generate":
+
+            def make():
+                print(f"[lra] generating ListOps with the LRA algorithm into {self.folder} ({self.spec})")
+                generate(self.spec, self.folder)
+
+            store.make_once(self.folder, lambda: all(p.is_file() for p in self.source_files()), make,
+                            f"generating ListOps into {self.folder}")
         super().ensure_sources()
 
     def describe_source(self) -> dict:

@@ -21,11 +21,14 @@ the same files.
 from __future__ import annotations
 
 import csv
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from lra.data.store import partial_name, remove_stale_partials
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -88,7 +91,11 @@ def evaluate(tree) -> int:
 
 
 def generate(spec: ListOpsSpec, out_dir: str | Path, progress: bool = True) -> list[Path]:
-    """Write ``basic_{train,val,test}.tsv`` for ``spec`` into ``out_dir``; returns the three paths."""
+    """Write ``basic_{train,val,test}.tsv`` for ``spec`` into ``out_dir``; returns the three paths.
+
+    Each file is written under a name unique to this process (``<file>.partial-<host>-<pid>``) and renamed into
+    place; temporaries left by killed runs are removed. (``ListOpsDataModule`` also holds the folder's lock, so
+    that one of several concurrent jobs generates.)"""
     rng = random.Random(spec.seed)
     total = spec.num_train + spec.num_val + spec.num_test
     seen: dict[str, int] = {}
@@ -108,14 +115,18 @@ def generate(spec: ListOpsSpec, out_dir: str | Path, progress: bool = True) -> l
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     paths = []
     for split, data in splits.items():
         path = out / f"basic_{split}.tsv"
-        tmp = path.with_suffix(".tsv.partial")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(["Source", "Target"])
-            writer.writerows(data)
-        tmp.replace(path)
+        tmp = partial_name(path)  # unique to this process: concurrent writers never share a temporary
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                writer.writerow(["Source", "Target"])
+                writer.writerows(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         paths.append(path)
     return paths

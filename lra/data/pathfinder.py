@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lra.data import store
 from lra.data.base import RELEASE_URL, DataError, LRADataModule
 from lra.data.pathfinder_generator import (
     DIFFICULTIES,
@@ -181,6 +182,12 @@ def _decode_files(task) -> tuple[np.ndarray, list[str | None], list[tuple[int, i
         except FileNotFoundError:
             reasons[i] = "missing"
             continue
+        except IsADirectoryError:
+            reasons[i] = "a directory, not an image file"
+            continue
+        except OSError as err:  # permissions, I/O errors: this file is unreadable, the others may be fine
+            reasons[i] = f"unreadable ({err.strerror or type(err).__name__})"
+            continue
         except BadImage as err:
             reasons[i] = str(err)
             continue
@@ -258,14 +265,21 @@ class PathfinderDataModule(LRADataModule):
         self.root = self.folder / f"pathfinder{resolution}" / DIFFICULTIES[difficulty][0]
         self.skipped: dict[str, list[tuple[str, str]]] = {}
         self._index: list[tuple[Path | None, int, str]] | None = None
+        self._malformed: dict[str, str] = {}  # where -> why, for metadata lines that are not plain malformed
 
     # ---- sources ---------------------------------------------------------------------------------------------
     def source_files(self) -> list[Path]:
-        """The metadata files (their sizes and dates key the cache; the images are not stat'ed)."""
+        """The metadata files (the images they list are ``fingerprint_files`` too)."""
         if self.spec is not None:
             return metadata_files(self.folder, self.spec)
         found = sorted(self.root.glob("metadata/*.npy"), key=_numeric_order)
         return found or [self.root / "metadata"]
+
+    def fingerprint_files(self) -> list[Path]:
+        """The metadata files and every image they list: all their contents key the cache (hashed once, then
+        re-checked by stat). A missing or unreadable image is fingerprinted as such (it is skipped when read)."""
+        images = dict.fromkeys(path for path, _, _ in self.index() if path is not None)
+        return [*self.source_files(), *images]
 
     def missing_help(self, missing: list[Path]) -> str:
         shown = ", ".join(str(p) for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -290,14 +304,21 @@ class PathfinderDataModule(LRADataModule):
         )
 
     def ensure_sources(self) -> None:
-        if self.spec is not None and not all(p.is_file() for p in self.source_files()):
-            print(f"[lra] generating Pathfinder-{self.resolution} ({self.difficulty}) with the built-in generator "
-                  f"into {self.folder} ({self.spec.num_images} images)")
-            try:
-                generate(self.spec, self.folder, workers=self.decode_workers)
-            except TooCrowded as err:
-                raise DataError(f"task.generator: {err} Change task.generator.contour_length (now "
-                                f"{self.spec.geometry().contour_length}) or the geometry options.") from None
+        """``source=generate``: generate the files once, under the folder's inter-process lock (a concurrent
+        job waits, then reuses them)."""
+        if self.spec is not None:
+
+            def make():
+                print(f"[lra] generating Pathfinder-{self.resolution} ({self.difficulty}) with the built-in "
+                      f"generator into {self.folder} ({self.spec.num_images} images)")
+                try:
+                    generate(self.spec, self.folder, workers=self.decode_workers)
+                except TooCrowded as err:
+                    raise DataError(f"task.generator: {err} Change task.generator.contour_length (now "
+                                    f"{self.spec.geometry().contour_length}) or the geometry options.") from None
+
+            store.make_once(self.folder, lambda: all(p.is_file() for p in self.source_files()), make,
+                            f"generating Pathfinder into {self.folder}")
         super().ensure_sources()
 
     def describe_source(self) -> dict:
@@ -306,7 +327,7 @@ class PathfinderDataModule(LRADataModule):
             out["generator"] = self.spec.as_dict()
         try:
             report = self.cache_dir / BAD_REPORT
-        except OSError:  # sources not there yet: nothing prepared to report on
+        except (OSError, DataError):  # sources not there yet: nothing prepared to report on
             return out
         if report.is_file():
             out["skipped"] = {split: len(v) for split, v in json.loads(report.read_text()).items()}
@@ -326,7 +347,10 @@ class PathfinderDataModule(LRADataModule):
                     if not fields:
                         continue
                     where = f"{meta}:{number}"
-                    if len(fields) >= 4 and fields[3] in ("0", "1"):
+                    if fields is NOT_UTF8:
+                        self._malformed[where] = "metadata line is not UTF-8 text"
+                        rows.append((None, -1, where))
+                    elif len(fields) >= 4 and fields[3] in ("0", "1") and _inside(fields[0], fields[1]):
                         rows.append((self.root / fields[0] / fields[1], int(fields[3]), where))
                     else:
                         rows.append((None, -1, where))
@@ -346,7 +370,8 @@ class PathfinderDataModule(LRADataModule):
     def read_split(self, split: str) -> dict[str, np.ndarray]:
         rows = [self.index()[i] for i in self.split_rows(split)]
         total = len(rows)
-        bad = [(where, "malformed metadata line (expected '<folder> <file> <index> <0|1> ...')")
+        bad = [(where, self._malformed.get(where, "malformed metadata line (expected '<folder> <file> <index> "
+                                                  "<0|1> ...' with a relative image path)"))
                for path, _, where in rows if path is None]
         rows = [row for row in rows if row[0] is not None]
         paths = [str(path) for path, _, _ in rows]
@@ -379,18 +404,22 @@ class PathfinderDataModule(LRADataModule):
             raise DataError(
                 f"{len(bad)} of {total} Pathfinder {split} entries are unreadable (more than task.max_bad_fraction="
                 f"{self.max_bad_fraction}), e.g. {listing}. The release under {self.root} looks incomplete or "
-                f"damaged: extract {RELEASE_URL} again (or regenerate with `task.source=generate`), or raise "
-                f"task.max_bad_fraction to accept the loss."
+                f"damaged: download and extract {RELEASE_URL} again over it (`lra-data download "
+                f"{'pathfinder' if self.resolution == 32 else 'pathx'} --force`), regenerate with "
+                f"`task.source=generate`, or raise task.max_bad_fraction to accept the loss."
             )
         labels = np.asarray([label for _, label, _ in rows], dtype=np.int64)
         return {"input_ids": pixels[keep], "label": labels[keep]}
 
+    def cache_extras(self) -> dict[str, str]:
+        return {BAD_REPORT: json.dumps(self.skipped, indent=1)} if self.skipped else {}
+
     def prepare_data(self) -> None:
-        """Prepare (once) and report what was skipped, also in ``<cache>/skipped.json`` for the run record."""
+        """Prepare (once) and report what was skipped, also in ``<cache>/skipped.json`` for the run record
+        (written with the arrays, before the cache folder is renamed into place)."""
         self.skipped = {}
         super().prepare_data()
         if self.skipped:
-            (self.cache_dir / BAD_REPORT).write_text(json.dumps(self.skipped, indent=1))
             counts = {split: len(v) for split, v in self.skipped.items()}
             if any(counts.values()):
                 example = next(item for v in self.skipped.values() for item in v)
@@ -399,13 +428,38 @@ class PathfinderDataModule(LRADataModule):
                       f"the full list is in {self.cache_dir / BAD_REPORT}")
 
 
+NOT_UTF8: list[str] = ["<not UTF-8>"]  # stands for a metadata line that is not UTF-8 text (skipped, counted)
+
+
 def _metadata_lines(path: Path) -> list[list[str]]:
     """The fields of each line of a metadata file: text in the release (as LRA and the harness read it); a real
-    ``.npy`` string array, as the upstream generator's ``np.save`` writes, is read too."""
-    data = path.read_bytes()
+    ``.npy`` string array, as the upstream generator's ``np.save`` writes, is read too. A line that is not
+    UTF-8 is ``NOT_UTF8``; a file that cannot be read at all is a ``DataError`` naming it."""
+    fix = ("Re-extract the release (`lra-data download pathfinder --force`; pathx for Path-X) or, for generated "
+           "data, delete its folder under <data_dir>/generated/ and generate again.")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read this metadata file ({err.strerror}). {fix}") from None
     if data.startswith(b"\x93NUMPY"):
-        return [[str(v) for v in row] for row in np.atleast_2d(np.load(io.BytesIO(data), allow_pickle=False))]
-    return [line.split() for line in data.decode("utf-8", errors="replace").splitlines()]
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"{path}: a damaged .npy metadata array ({err}). {fix}") from None
+        return [[str(v) for v in row] for row in np.atleast_2d(array)]
+    lines = []
+    for line in data.splitlines():
+        try:
+            lines.append(line.decode("utf-8").split())
+        except UnicodeDecodeError:
+            lines.append(NOT_UTF8)
+    return lines
+
+
+def _inside(folder: str, name: str) -> bool:
+    """Whether a metadata line's image path stays inside the dataset folder (relative, no ``..``)."""
+    path = Path(folder, name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _numeric_order(path: Path):

@@ -68,6 +68,8 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from lra.data.store import partial_name, remove_stale_partials
+
 # difficulty -> (release folder, contour length in paddles)
 DIFFICULTIES = {
     "easy": ("curv_baseline", 6),
@@ -588,20 +590,23 @@ def _write_file(job) -> int:
                      f"{geo.distractor_length} {geo.paddle_length} {geo.paddle_thickness} "
                      f"{stimulus.gap} 1\n")
     target = root / "metadata" / f"{k}.npy"
-    partial = target.with_name(f"{k}.npy.partial-{os.getpid()}")
+    partial = partial_name(target)
     partial.write_text("".join(lines))
-    partial.replace(target)
+    os.replace(partial, target)
     return len(lines)
 
 
 def generate(spec: PathfinderSpec, folder: str | Path, workers: int | None = None, progress: bool = True) -> list[Path]:
     """Write ``spec``'s images and metadata in the release layout under ``folder``; returns the metadata files.
 
-    Metadata files already present are kept (an interrupted run resumes). ``workers`` processes draw
-    the files in parallel (default: all CPUs); the output does not depend on it.
+    Metadata files already present are kept (an interrupted run resumes); each is written under a name unique
+    to its process and renamed into place, and temporaries left by killed runs are removed. ``workers``
+    processes draw the files in parallel (default: all CPUs); the output does not depend on it.
+    (``PathfinderDataModule`` also holds the folder's lock, so that one of several concurrent jobs generates.)
     """
     root = dataset_root(folder, spec)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(root / "metadata")
     labels = balanced_labels(spec)
     targets = metadata_files(folder, spec)
     per = spec.images_per_file

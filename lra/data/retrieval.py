@@ -63,8 +63,8 @@ def read_pairs_tsv(path: Path, max_len: int, rows: int | None = None, seed: int 
             def bad(why, line_no=line_no):
                 return DataError(
                     f"{path}:{line_no}: malformed Retrieval row ({why}). Each line must be "
-                    f"'label<TAB>id1<TAB>id2<TAB>text1<TAB>text2' with label 0 or 1, as in LRA's "
-                    f"tsv_data/{path.name}; re-extract the file from {RELEASE_URL} (`lra-data download retrieval`)."
+                    f"'label<TAB>id1<TAB>id2<TAB>text1<TAB>text2' with label 0 or 1, as in LRA's tsv_data/"
+                    f"{path.name}; re-extract the file from {RELEASE_URL} (`lra-data download retrieval --force`)."
                 )
 
             if len(fields) != 5:
@@ -79,7 +79,7 @@ def read_pairs_tsv(path: Path, max_len: int, rows: int | None = None, seed: int 
             labels.append(label)
     if not labels:
         raise DataError(f"{path}: no rows (empty file). Re-extract it from {RELEASE_URL} "
-                        f"(`lra-data download retrieval`).")
+                        f"(`lra-data download retrieval --force`).")
     keep = subset_indices(len(labels), rows, seed)
     if keep is not None:
         firsts, seconds, labels = [firsts[i] for i in keep], [seconds[i] for i in keep], [labels[i] for i in keep]

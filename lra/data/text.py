@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lra.data import store
 from lra.data.base import DataError, LRADataModule
 
 BYTE_VOCAB = 257  # 256 byte values shifted by one, plus padding id 0
@@ -157,6 +158,43 @@ class HubDataModule(LRADataModule):
         folder = self.hub_folder
         return {"source": "hub", "dataset": self.hub_name, "folder": str(folder) if folder else None}
 
+    def source_fingerprint(self) -> dict:
+        """The hub copy's own identity in the cache key. A ``save_to_disk`` folder is in ``source_files`` (its
+        files' contents, ``state.json`` with the splits' ``_fingerprint`` included, key the cache); the Hugging
+        Face cache adds each split's ``datasets`` ``_fingerprint`` and the content fingerprints of its arrow
+        files; TFDS adds the builder's version and the content fingerprints of its prepared files."""
+        if self.source == "tfds":
+            return {"tfds": self._tfds_fingerprint()}
+        if self.hub_folder is not None:
+            return {}
+        splits, index, out = self._hub_splits(), self.fingerprint_index, {}
+        for name in ("train", "test"):
+            files = [Path(f["filename"]) for f in getattr(splits[name], "cache_files", [])]
+            out[name] = {"fingerprint": splits[name]._fingerprint,
+                         "files": [[p.name, index.digest(p, strict=False)[0]] for p in files]}
+        index.save()
+        return {"hub": out}
+
+    def _tfds_fingerprint(self) -> dict:
+        tfds = import_tfds()
+        try:
+            builder = tfds.builder(self.tfds_name, data_dir=self.tfds_dir)
+            folder = Path(builder.data_dir)
+            if not folder.is_dir():  # not prepared yet: do it now (tfds.load would), then fingerprint it
+                self.download()
+                folder = Path(tfds.builder(self.tfds_name, data_dir=self.tfds_dir).data_dir)
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of the library becomes one clear message
+            raise DataError(f"TFDS cannot find {self.tfds_name} (task.tfds_dir={self.tfds_dir}): "
+                            f"{type(err).__name__}: {err}. Run `lra-data download {self.name} task.source=tfds` "
+                            f"where there is network, or use task.source=hub.") from None
+        index = self.fingerprint_index
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        digests = [[str(p.relative_to(folder)), index.digest(p)[0]] for p in files]
+        index.save()
+        return {"version": str(getattr(builder, "version", "")), "files": digests}
+
     def cache_options(self) -> dict:
         dataset = self.tfds_name if self.source == "tfds" else self.hub_name
         return {"source": self.source, "dataset": dataset, "max_len": self.max_len,
@@ -202,13 +240,19 @@ class HubDataModule(LRADataModule):
         import datasets
 
         target = self.hub_path or self.default_hub_folder
-        if target.is_dir():
+
+        def save():  # under the folder's lock, into a temporary unique to this process, renamed when complete
+            splits = self._load_hub(None)
+            store.remove_stale_partials(target.parent)
+            partial = store.partial_name(target)
+            try:
+                datasets.DatasetDict({s: splits[s] for s in ("train", "test")}).save_to_disk(str(partial))
+                os.replace(partial, target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+
+        if not store.make_once(target, target.is_dir, save, f"saving {self.hub_name} to {target}"):
             return f"{target} (already there)"
-        splits = self._load_hub(None)
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        datasets.DatasetDict({s: splits[s] for s in ("train", "test")}).save_to_disk(str(partial))
-        os.replace(partial, target)
         return str(target)
 
     def _split_plan(self, split: str) -> tuple[str, str]:
