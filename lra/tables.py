@@ -52,9 +52,10 @@ PROTOCOLS = {  # section titles; published-only blocks say so
     "tost-paper": "as published by ToST's authors (their harness is not stated; published figures only)",
     "cosformer-paper": "as published by cosFormer's authors (published figures only)",
 }
-NOT_ATTENTION = {"ssm-papers": "Not attention: state-space models, as published (for scale: where attention stands)"}
+NOT_ATTENTION = {"ssm-papers": "Not attention: state-space models, as published (for scale: where attention stands; "
+                              "their papers' averages include Path-X)"}
 UNSOURCED = ("proxyformer", "cast")  # no published LRA figures could be sourced (no public code either)
-KNOWN_REASONS = "known_deviations.csv"  # protocol, model, task, reason (model/task may be *)
+KNOWN_REASONS = "known_deviations.csv"  # results/known_deviations.csv: protocol, model, task, reason (* = any)
 
 
 # ---- rows: which records form one experiment, and how it is labelled ------------------------------------------
