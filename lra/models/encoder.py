@@ -212,7 +212,7 @@ class Encoder(nn.Module):
             Block(dim, num_heads, mlp_dim, dropout, attention_name, options, attention_fp32, ln_eps=ln_eps, gelu=gelu)
             for _ in range(depth)
         )
-        for name in getattr(self.blocks[0].attention, "layer_shared_parameters", ()):
+        for name in getattr(self.blocks[0].attention, "layer_shared_parameters", ()) if depth else ():
             # an attention's parameters shared by all layers (Linformer's share_layers): one tensor, tied here
             for block in self.blocks[1:]:
                 setattr(block.attention, name, getattr(self.blocks[0].attention, name))
