@@ -1,5 +1,7 @@
 # The user's verbs. Every target creates the virtual environment on first use: torch first (TORCH, default the CPU
 # build; TORCH_INDEX: a wheel index such as https://download.pytorch.org/whl/cu124 for a CUDA build), then the suite.
+#   make install [EXTRAS=tfds]     the environment; EXTRAS: optional extras added to it (tfds: TensorFlow Datasets
+#                                  and TensorFlow, ~1.5 GB, for task.source=tfds; tensorboard)
 #   make demo                      train + test a real model on generated ListOps in minutes (CPU)
 #   make test                      the default test suite (slow tests excluded)
 #   make reproduce TASK=listops MODEL=proxyformer [PROTOCOL=nystrom] [SEED=0] [ARGS="..."]
@@ -24,6 +26,7 @@ MODELS ?= $(MODEL)
 SEEDS ?= $(SEED)
 PROFILE ?= quick
 ARGS ?=
+EXTRAS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -38,6 +41,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+ifneq ($(EXTRAS),)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+endif
 
 demo: $(STAMP)
 	$(BIN)/python -m lra.train task=$(TASK) model=$(MODEL) protocol=quick seed=$(SEED) $(ARGS)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lra.callbacks import RunHistory, StepProgressBar, StepSeed, Throughput
 from lra.data import DataError
+from lra.loggers import build_loggers, close_loggers, hyperparameters, log_hyperparams
 from lra.models import build_model
 from lra.module import LRAModule, NonFiniteLoss
 from lra.preflight import (
@@ -233,6 +234,8 @@ def run(cfg: DictConfig) -> dict:
         print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
               f"set: {100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
               f"{record['steps']} steps in {record['wall_time_s']:.0f}s")
+        for note in state.get("notes", []):
+            print(f"[lra]   {note}")
     if fast:
         print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
     elif state["trainer"].is_global_zero:
@@ -243,7 +246,6 @@ def run(cfg: DictConfig) -> dict:
 
 
 NOT_THE_EXPERIMENT = (ConfigError, DataError, ImportError)  # no failure record: the run never was the experiment
-
 
 def _name(cfg: DictConfig) -> str:
     return f"{cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}"
@@ -333,30 +335,34 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     # last.ckpt at every validation (Lightning's save_last follows only improvements): what a resumed run continues
     latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     throughput, history = Throughput(), state.setdefault("history", RunHistory())
-    try:
-        logger = hydra.utils.instantiate(cfg.logger) if cfg.logger else False
-    except Exception as err:  # a logger package that is not installed, or a bad logger option
-        cause = err.__cause__ or err
-        raise ConfigError(f"logger {cfg.logger.get('_target_', '?')} could not be created: {type(cause).__name__}: "
-                          f"{cause}. Install its package (pip install -e '.[...]'), or pick another logger "
-                          f"(logger=csv, logger=none).") from None
+    loggers = state["loggers"] = build_loggers(cfg.logger)  # ConfigError if a logger's package is missing
     trainer = state["trainer"] = L.Trainer(
         **trainer_cfg,
         max_epochs=-1,
         check_val_every_n_epoch=None,
         default_root_dir=out_dir,
-        logger=logger,
+        logger=loggers or False,
         use_distributed_sampler=False,  # the datamodule shards its own loaders (resumable training order)
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[checkpoint, latest, throughput, history, StepSeed(cfg.seed), StepProgressBar()],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
-    fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
-    state["segments"] = (history.earlier_s, history.segments)
-    best = None if fast else checkpoint.best_model_path or None
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    params = hyperparameters(OmegaConf.to_container(cfg, resolve=True), cell=state.get("cell"),
+                             output_dir=str(out_dir), resumed_from=ckpt_path)
+    try:
+        log_hyperparams(loggers, params)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
+        fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
+        state["segments"] = (history.earlier_s, history.segments)
+        best = None if fast else checkpoint.best_model_path or None
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+        log_hyperparams(loggers, params, {"hp/val_acc": float(checkpoint.best_model_score or 0),
+                                          "hp/test_acc": float(tested["test/acc"])})
+    except BaseException:
+        close_loggers(loggers, failed=True)
+        raise
+    state["notes"] = close_loggers(loggers)  # W&B: where an offline run is and how to upload it
 
     return {
         "status": "ok",
