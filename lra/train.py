@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -28,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lra.callbacks import RunHistory, StepProgressBar, StepSeed, Throughput
+from lra.console import quiet_known_noise, tee_console
 from lra.data import DataError
 from lra.loggers import build_loggers, close_loggers, hyperparameters, log_hyperparams
 from lra.models import build_model
@@ -231,11 +233,7 @@ def run(cfg: DictConfig) -> dict:
         if "lock" in state:
             state["lock"].release()
     if state["trainer"].is_global_zero:
-        print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
-              f"set: {100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
-              f"{record['steps']} steps in {record['wall_time_s']:.0f}s")
-        for note in state.get("notes", []):
-            print(f"[lra]   {note}")
+        _print_summary(cfg, record, state.get("notes", []))
     if fast:
         print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
     elif state["trainer"].is_global_zero:
@@ -246,6 +244,24 @@ def run(cfg: DictConfig) -> dict:
 
 
 NOT_THE_EXPERIMENT = (ConfigError, DataError, ImportError)  # no failure record: the run never was the experiment
+
+MEMORY_KINDS = {"process_peak_rss": "process peak RSS", Throughput.CUDA_KIND: "CUDA, above the step's start"}
+
+
+def _print_summary(cfg: DictConfig, record: dict, notes: list[str]) -> None:
+    """The end of a run on the console: accuracy against the majority rate, then where the run is and how fast."""
+    print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
+          f"set: {100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
+          f"{record['steps']} steps in {record['wall_time_s']:.0f}s")
+    rate = record.get("train_tokens_per_s")
+    kind = MEMORY_KINDS.get(record.get("peak_memory_kind"), record.get("peak_memory_kind"))
+    print(f"[lra]   run folder: {record['output_dir']}"
+          + (f"; best checkpoint: {record['checkpoint']}" if record.get("checkpoint") else ""))
+    print(f"[lra]   training speed: {f'{rate:,.0f} tokens/s' if rate else 'n/a'} (median step); peak memory: "
+          f"{record.get('peak_memory_mb', 0):,.1f} MB ({kind})")
+    for note in notes:
+        print(f"[lra]   {note}")
+
 
 def _name(cfg: DictConfig) -> str:
     return f"{cfg.task.name}/{cfg.model.name}/{cfg.protocol.name} seed {cfg.seed}"
@@ -351,7 +367,10 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
                              output_dir=str(out_dir), resumed_from=ckpt_path)
     try:
         log_hyperparams(loggers, params)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with warnings.catch_warnings():
+            if ckpt_path is not None or cfg.resume:  # continuing in the experiment's folder: it holds checkpoints
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
         fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
         state["segments"] = (history.earlier_s, history.segments)
@@ -397,7 +416,16 @@ def main(cfg: DictConfig) -> float:
 
     A failed run has written its failure record. Alone, the process then exits with status 2 and a one-paragraph
     message for known causes (an unexpected error keeps its traceback); in a multirun the sweep goes on.
+    The console output (messages, warnings, the progress bars' final states) is also kept in the run folder's
+    ``train.log`` (global rank zero).
     """
+    log = _output_dir(cfg) / "train.log" if rank_zero_only.rank == 0 else None
+    quiet_known_noise()
+    with tee_console(log):
+        return _main(cfg)
+
+
+def _main(cfg: DictConfig) -> float:
     try:
         record = run(cfg)
     except Exception as err:

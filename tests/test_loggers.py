@@ -1,10 +1,13 @@
 """Metric loggers: the run config reaches every logger; W&B runs offline without an account; logger=many; the
-CSV logger's folder no longer warned about."""
+console kept in train.log; no warnings about folders that are expected to exist."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,10 +15,12 @@ import pytest
 import yaml
 
 import lra.loggers
+from lra.console import LineLog
 from lra.preflight import ConfigError
 from lra.train import run
-from tests.conftest import TINY
+from tests.conftest import TINY, Killed, kill_at_step
 
+REPO = Path(__file__).resolve().parent.parent
 TWO_STEPS = [*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"]
 
 
@@ -122,3 +127,87 @@ def test_wandb_mode_is_the_users_when_chosen(monkeypatch, no_wandb_account):
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert not lra.loggers._wandb_offline(entry) and entry.mode is None  # the user's WANDB_MODE stands
+
+
+def test_train_log_keeps_final_lines_only(tmp_path):
+    log = LineLog(tmp_path / "train.log")
+    for text in ["train:  10%|#", "\rtrain:  50%|#####", "\rtrain: 100%|##########\n", "\x1b[Adone\n", "tail"]:
+        log.write(text)
+    log.close()
+    assert (tmp_path / "train.log").read_text() == "train: 100%|##########\ndone\ntail\n"
+
+
+def fake_trainer(**kw):
+    from types import SimpleNamespace
+
+    base = dict(max_steps=10, global_step=0, is_global_zero=True, sanity_checking=False, num_val_batches=[2],
+                num_test_batches=[2], callback_metrics={}, log_every_n_steps=1)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_validation_gets_its_own_bar_and_leaves_the_training_eta_alone(capsys):
+    import time
+
+    from lra.callbacks import StepProgressBar
+
+    bars, trainer = StepProgressBar(), fake_trainer()
+    bars.on_train_start(trainer, None)
+    trainer.global_step = 5
+    bars.bar.update(5)
+    trainer_elapsed = bars.bar.format_dict["elapsed"]
+    bars.on_validation_start(trainer, None)
+    for _ in range(2):
+        bars.on_validation_batch_end(trainer, None, None, None, 0)
+    assert bars.eval_bar.n == 2 and bars.eval_bar.total == 2
+    time.sleep(0.5)
+    trainer.callback_metrics = {"val/acc": 0.25, "val/loss": 1.5}
+    bars.on_validation_end(trainer, None)
+    assert bars.bar.format_dict["elapsed"] - trainer_elapsed < 0.25  # the half second of validation is not counted
+    bars.on_train_end(trainer, None)
+    err = capsys.readouterr().err
+    assert "validate (step 5)" in err and "[lra] step 5: val/acc 25.00%, val/loss 1.5000" in err
+
+
+def test_only_global_rank_zero_draws_bars(capsys):
+    from lra.callbacks import StepProgressBar
+
+    bars, trainer = StepProgressBar(), fake_trainer(is_global_zero=False)
+    bars.on_train_start(trainer, None)
+    bars.on_validation_start(trainer, None)
+    bars.on_validation_batch_end(trainer, None, None, None, 0)
+    bars.on_validation_end(trainer, None)
+    bars.on_train_end(trainer, None)
+    bars.on_test_start(trainer, None)
+    bars.on_test_batch_end(trainer, None, None, None, 0)
+    bars.on_test_end(trainer, None)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_resumed_run_does_not_warn_about_its_checkpoint_folder(make_cfg, tmp_path, monkeypatch):
+    kill_at_step(monkeypatch, 6)
+    with pytest.raises(Killed):
+        run(make_cfg(*TINY, "trainer.max_steps=9", run_dir="first"))
+    monkeypatch.undo()
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(make_cfg(*TINY, "trainer.max_steps=9", f"ckpt_path={last}", run_dir="second"))
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+
+
+def test_the_console_is_kept_in_train_log_with_a_summary(tmp_path):
+    """``python -m lra.train``: train.log holds the messages, each validation's line, the bars' final states and the
+    end-of-run summary (run folder, tokens/s, peak memory); no warning about the logs' folder."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+             f"paths.results_dir={tmp_path / 'results'}"]
+    proc = subprocess.run([sys.executable, "-m", "lra.train", *TINY, *paths], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (log,) = (tmp_path / "logs").rglob("train.log")
+    text = log.read_text()
+    for expected in ("[lra] step 3: val/acc", "[lra] step 6: val/acc", "train: 100%", "test: 100%",
+                     f"run folder: {log.parent}", "tokens/s", "peak memory", "[lra] run record:"):
+        assert expected in text, (expected, text)
+    assert "\r" not in text and "exists and is not empty" not in proc.stderr + proc.stdout
+    assert "run folder:" in proc.stdout and "train: 100%" in proc.stderr
