@@ -10,8 +10,9 @@
 #   make tables                    results/accuracy.{md,csv} from the run records
 #   make bench [PROFILE=quick|full|scaling] [ARGS="..."]  speed/memory grid -> results/efficiency.{md,csv}, plots
 #   make fidelity [ARGS="--lengths 1024 2048"]   results/fidelity.{md,csv}: each approximation vs exact softmax
-#   make data TASK=text [ARGS="..."]   download (release archive or hub copy) and prepare a task's data
-#   make data-status               what is present, prepared, missing, per task
+#   make data TASK=text [PROTOCOL=nystrom] [ARGS="..."]   download (release archive or hub copy) and prepare a
+#                                  task's data, for the protocol make reproduce uses (PROTOCOL, default nystrom)
+#   make data-status [PROTOCOL=..] what is present, prepared, missing, per task (for that protocol)
 #   make data-listops              generate a full-size ListOps set offline (LRA algorithm)
 PYTHON ?= python3
 VENV ?= .venv
@@ -73,11 +74,11 @@ fidelity: $(STAMP)
 	$(BIN)/python -m lra.fidelity $(ARGS)
 
 data: $(STAMP)
-	$(BIN)/lra-data download $(TASK) $(ARGS)
-	$(BIN)/lra-data prepare $(TASK) $(ARGS)
+	$(BIN)/lra-data download $(TASK) protocol=$(PROTOCOL) $(ARGS)
+	$(BIN)/lra-data prepare $(TASK) protocol=$(PROTOCOL) $(ARGS)
 
 data-status: $(STAMP)
-	$(BIN)/lra-data status $(ARGS)
+	$(BIN)/lra-data status protocol=$(PROTOCOL) $(ARGS)
 
 data-listops: $(STAMP)
 	$(BIN)/python -m lra.data.cli generate listops
