@@ -79,9 +79,11 @@ class StepProgressBar(L.Callback):
         self.paused_at = time.time()
         if self.bar is not None and not self.bar.disable:
             self.bar.clear()
-        desc = "sanity check" if trainer.sanity_checking else f"validate (step {trainer.global_step})"
+        desc = "sanity check" if trainer.sanity_checking else \
+            "validate" if self.bar is None else f"validate (step {trainer.global_step})"
         batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
-        self._eval_start(trainer, desc, batches, leave=False)
+        # inside training the bar makes way for the training bar again; alone (lra.eval: trainer.validate) it stays
+        self._eval_start(trainer, desc, batches, leave=self.bar is None and not trainer.sanity_checking)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self.eval_bar.update(1)

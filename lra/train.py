@@ -5,7 +5,8 @@
     lra-train ...                                                                  # the same, installed
 
 Configs live in ``configs/`` (``train.yaml`` composes ``task/``, ``model/``, ``protocol/``, ``recipe/`` (the
-protocol's numbers for the task), ``trainer/``, ``logger/``, ``paths/``).
+protocol's numbers for the task), ``trainer/``, ``logger/``, ``paths/``, and optionally ``hparams_search/`` and
+``debug/``). ``lra.eval`` tests a checkpoint with the same config and the same ``build``.
 """
 
 from __future__ import annotations
@@ -250,15 +251,20 @@ MEMORY_KINDS = {"process_peak_rss": "process peak RSS", Throughput.CUDA_KIND: "C
 
 def _print_summary(cfg: DictConfig, record: dict, notes: list[str]) -> None:
     """The end of a run on the console: accuracy against the majority rate, then where the run is and how fast."""
+    val = "n/a" if record["val_acc"] is None else f"{100 * record['val_acc']:.2f}%"
     print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
-          f"set: {100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
-          f"{record['steps']} steps in {record['wall_time_s']:.0f}s")
+          f"set: {100 * record['test_majority_rate']:.2f}%), best val {val}, {record['steps']} steps in "
+          f"{record['wall_time_s']:.0f}s")
     rate = record.get("train_tokens_per_s")
     kind = MEMORY_KINDS.get(record.get("peak_memory_kind"), record.get("peak_memory_kind"))
     print(f"[lra]   run folder: {record['output_dir']}"
           + (f"; best checkpoint: {record['checkpoint']}" if record.get("checkpoint") else ""))
     print(f"[lra]   training speed: {f'{rate:,.0f} tokens/s' if rate else 'n/a'} (median step); peak memory: "
           f"{record.get('peak_memory_mb', 0):,.1f} MB ({kind})")
+    for profile in sorted(Path(record["output_dir"]).glob("*-profile.txt")):
+        print(f"[lra]   profile (Lightning's SimpleProfiler): {profile}")
+    if not cfg.record and not cfg.trainer.fast_dev_run:
+        print("[lra]   record=false: no run record written.")
     for note in notes:
         print(f"[lra]   {note}")
 
@@ -316,14 +322,9 @@ def _save_record(cfg: DictConfig, record: dict, state: dict) -> str:
     return str(path)
 
 
-def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict) -> dict:
-    """The run itself -> its measurements; ``state`` receives the datamodule and the trainer as they come to exist."""
-    state["ckpt_dir"] = ckpt_dir
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
-    _check_launch(trainer_cfg)
-
+def build(cfg: DictConfig, state: dict) -> tuple:
+    """The datamodule (prepared and set up; also ``state["datamodule"]``), the model and its LightningModule of a
+    composed config: what training and ``lra.eval`` both run."""
     datamodule = state["datamodule"] = hydra.utils.instantiate(cfg.task.datamodule, seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup()
@@ -340,6 +341,20 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     except (KeyError, TypeError, ValueError) as err:  # unknown attention or option, or a bad option value
         raise ConfigError(f"model={cfg.model.name}: {err.args[0]}") from None
     module = LRAModule(model, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps)
+    return datamodule, model, module
+
+
+def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict) -> dict:
+    """The run itself -> its measurements; ``state`` receives the datamodule and the trainer as they come to exist."""
+    state["ckpt_dir"] = ckpt_dir
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
+    if isinstance(trainer_cfg.get("profiler"), dict):  # debug=profiler: a profiler writing into the run folder
+        trainer_cfg["profiler"] = hydra.utils.instantiate(trainer_cfg["profiler"])
+    _check_launch(trainer_cfg)
+
+    datamodule, model, module = build(cfg, state)
     if ckpt_path is not None:
         check_checkpoint(Path(ckpt_path), model)
 

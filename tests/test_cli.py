@@ -22,9 +22,11 @@ SCRIPTS = dict(  # pyproject.toml's [project.scripts]: name = "module:function"
 @pytest.mark.parametrize("name", sorted(set(SCRIPTS) - {"lra-train"}))
 def test_every_console_script_usage_names_it(name, capsys):
     module, function = SCRIPTS[name].split(":")
-    with pytest.raises(SystemExit) as exit_:
-        getattr(importlib.import_module(module), function)(["--help"])
-    assert exit_.value.code == 0
+    try:
+        code = getattr(importlib.import_module(module), function)(["--help"])
+    except SystemExit as exit_:  # argparse's --help
+        code = exit_.code
+    assert code == 0
     assert capsys.readouterr().out.startswith(f"usage: {name} ")
 
 
