@@ -11,6 +11,7 @@ protocol's numbers for the task), ``trainer/``, ``logger/``, ``paths/``, and opt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -394,7 +395,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         log_hyperparams(loggers, params, {"hp/val_acc": float(checkpoint.best_model_score or 0),
                                           "hp/test_acc": float(tested["test/acc"])})
     except BaseException:
-        close_loggers(loggers, failed=True)
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            close_loggers(loggers, failed=True)
         raise
     state["notes"] = close_loggers(loggers)  # W&B: where an offline run is and how to upload it
 
