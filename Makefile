@@ -1,5 +1,7 @@
 # The user's verbs. Every target creates the virtual environment on first use: torch first (TORCH, default the CPU
 # build; TORCH_INDEX: a wheel index such as https://download.pytorch.org/whl/cu124 for a CUDA build), then the suite.
+#   make install [EXTRAS=tfds]     the environment; EXTRAS: optional extras added to it (tfds: TensorFlow Datasets
+#                                  and TensorFlow, ~1.5 GB, for task.source=tfds; tensorboard)
 #   make demo                      train + test a real model on generated ListOps in minutes (CPU)
 #   make test                      the default test suite (slow tests excluded)
 #   make reproduce TASK=listops MODEL=proxyformer [PROTOCOL=nystrom] [SEED=0] [ARGS="..."]
@@ -8,8 +10,9 @@
 #   make tables                    results/accuracy.{md,csv} from the run records
 #   make bench [PROFILE=quick|full|scaling] [ARGS="..."]  speed/memory grid -> results/efficiency.{md,csv}, plots
 #   make fidelity [ARGS="--lengths 1024 2048"]   results/fidelity.{md,csv}: each approximation vs exact softmax
-#   make data TASK=text [ARGS="..."]   download (release archive or hub copy) and prepare a task's data
-#   make data-status               what is present, prepared, missing, per task
+#   make data TASK=text [PROTOCOL=nystrom] [ARGS="..."]   download (release archive or hub copy) and prepare a
+#                                  task's data, for the protocol make reproduce uses (PROTOCOL, default nystrom)
+#   make data-status [PROTOCOL=..] what is present, prepared, missing, per task (for that protocol)
 #   make data-listops              generate a full-size ListOps set offline (LRA algorithm)
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +27,7 @@ MODELS ?= $(MODEL)
 SEEDS ?= $(SEED)
 PROFILE ?= quick
 ARGS ?=
+EXTRAS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -38,6 +42,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+ifneq ($(EXTRAS),)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+endif
 
 demo: $(STAMP)
 	$(BIN)/python -m lra.train task=$(TASK) model=$(MODEL) protocol=quick seed=$(SEED) $(ARGS)
@@ -67,11 +74,11 @@ fidelity: $(STAMP)
 	$(BIN)/python -m lra.fidelity $(ARGS)
 
 data: $(STAMP)
-	$(BIN)/lra-data download $(TASK) $(ARGS)
-	$(BIN)/lra-data prepare $(TASK) $(ARGS)
+	$(BIN)/lra-data download $(TASK) protocol=$(PROTOCOL) $(ARGS)
+	$(BIN)/lra-data prepare $(TASK) protocol=$(PROTOCOL) $(ARGS)
 
 data-status: $(STAMP)
-	$(BIN)/lra-data status $(ARGS)
+	$(BIN)/lra-data status protocol=$(PROTOCOL) $(ARGS)
 
 data-listops: $(STAMP)
 	$(BIN)/python -m lra.data.cli generate listops

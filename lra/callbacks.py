@@ -1,8 +1,9 @@
-"""Training callbacks: per-step seeding, a step progress bar with ETA, the run's history over resumed segments, and
-throughput / peak-memory measurement."""
+"""Training callbacks: per-step seeding, progress bars (training steps with ETA, validation, test), the run's history
+over resumed segments, and throughput / peak-memory measurement."""
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -30,18 +31,28 @@ class StepSeed(L.Callback):
 
 
 class StepProgressBar(L.Callback):
-    """One bar over the run's optimizer steps (not epochs), with ETA, loss and the latest val accuracy."""
+    """Progress on the console: one bar over the run's optimizer steps (not epochs) with ETA, loss and the latest
+    val accuracy; a bar of its own for each validation and for the test.
+
+    While validation runs, the training bar steps aside (its line shows the validation bar) and its clock stops:
+    elapsed time and ETA count training steps only, so the ETA does not jump after every validation. Each
+    validation then leaves one line (step, accuracy, loss, seconds) above the bar. Bars are drawn by the global
+    rank zero only (under DDP the other processes draw none). They go to stderr; ``lra.console`` keeps their final
+    states in the run's ``train.log``.
+    """
 
     def __init__(self):
-        self.bar = None
+        self.bar, self.eval_bar, self.paused_at = None, None, None
 
     def on_train_start(self, trainer, pl_module):
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         self.bar = tqdm(total=total, initial=trainer.global_step, desc="train", unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
+                        dynamic_ncols=True, file=sys.stderr, disable=not trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # reading a metric waits for the GPU: on CUDA only once per logging interval
+        if self.bar.disable:
+            return
         if pl_module.device.type != "cuda" or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             metrics = trainer.callback_metrics
             post = {k: f"{float(metrics[k]):.4f}" for k in ("train/loss", "val/acc") if k in metrics}
@@ -51,6 +62,55 @@ class StepProgressBar(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.bar is not None:
             self.bar.close()
+
+    # ---- evaluation bars -------------------------------------------------------------------------
+    def _eval_start(self, trainer, desc: str, batches, leave: bool) -> None:
+        total = sum(batches) if isinstance(batches, list) else None
+        total = total if total is not None and math.isfinite(total) else None
+        self.eval_bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stderr,
+                             leave=leave, position=0, disable=not trainer.is_global_zero)
+
+    def _eval_end(self) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_validation_start(self, trainer, pl_module):
+        self.paused_at = time.time()
+        if self.bar is not None and not self.bar.disable:
+            self.bar.clear()
+        desc = "sanity check" if trainer.sanity_checking else \
+            "validate" if self.bar is None else f"validate (step {trainer.global_step})"
+        batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        # inside training the bar makes way for the training bar again; alone (lra.eval: trainer.validate) it stays
+        self._eval_start(trainer, desc, batches, leave=self.bar is None and not trainer.sanity_checking)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.eval_bar.update(1)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._eval_end()
+        seconds = time.time() - (self.paused_at or time.time())
+        if self.bar is None or self.bar.disable:
+            return
+        # the training clock skips the validation: tqdm's rate and ETA see training steps only
+        self.bar.start_t += seconds
+        self.bar.last_print_t += seconds
+        metrics = trainer.callback_metrics
+        if not trainer.sanity_checking and "val/acc" in metrics:
+            self.bar.write(f"[lra] step {trainer.global_step}: val/acc {100 * float(metrics['val/acc']):.2f}%, "
+                           f"val/loss {float(metrics['val/loss']):.4f} (validation {seconds:.1f}s)",
+                           file=self.bar.fp)
+        self.bar.refresh()
+
+    def on_test_start(self, trainer, pl_module):
+        self._eval_start(trainer, "test", trainer.num_test_batches, leave=True)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.eval_bar.update(1)
+
+    def on_test_end(self, trainer, pl_module):
+        self._eval_end()
 
 
 class RunHistory(L.Callback):

@@ -572,7 +572,7 @@ def write_outputs(record: dict, out: Path) -> tuple[Path, Path, Path]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lra.fidelity",
+    parser = argparse.ArgumentParser(prog="lra-fidelity",
                                      description="Relative error of each approximate attention against exact "
                                                  "softmax attention with the same weights.")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])

@@ -5,17 +5,20 @@
     lra-train ...                                                                  # the same, installed
 
 Configs live in ``configs/`` (``train.yaml`` composes ``task/``, ``model/``, ``protocol/``, ``recipe/`` (the
-protocol's numbers for the task), ``trainer/``, ``logger/``, ``paths/``).
+protocol's numbers for the task), ``trainer/``, ``logger/``, ``paths/``, and optionally ``hparams_search/`` and
+``debug/``). ``lra.eval`` tests a checkpoint with the same config and the same ``build``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -28,7 +31,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lra.callbacks import RunHistory, StepProgressBar, StepSeed, Throughput
+from lra.console import quiet_known_noise, tee_console
 from lra.data import DataError
+from lra.loggers import build_loggers, close_loggers, hyperparameters, log_hyperparams
 from lra.models import build_model
 from lra.module import LRAModule, NonFiniteLoss
 from lra.preflight import (
@@ -230,9 +235,7 @@ def run(cfg: DictConfig) -> dict:
         if "lock" in state:
             state["lock"].release()
     if state["trainer"].is_global_zero:
-        print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
-              f"set: {100 * record['test_majority_rate']:.2f}%), best val {100 * (record['val_acc'] or 0):.2f}%, "
-              f"{record['steps']} steps in {record['wall_time_s']:.0f}s")
+        _print_summary(cfg, record, state.get("notes", []))
     if fast:
         print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
     elif state["trainer"].is_global_zero:
@@ -243,6 +246,28 @@ def run(cfg: DictConfig) -> dict:
 
 
 NOT_THE_EXPERIMENT = (ConfigError, DataError, ImportError)  # no failure record: the run never was the experiment
+
+MEMORY_KINDS = {"process_peak_rss": "process peak RSS", Throughput.CUDA_KIND: "CUDA, above the step's start"}
+
+
+def _print_summary(cfg: DictConfig, record: dict, notes: list[str]) -> None:
+    """The end of a run on the console: accuracy against the majority rate, then where the run is and how fast."""
+    val = "n/a" if record["val_acc"] is None else f"{100 * record['val_acc']:.2f}%"
+    print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
+          f"set: {100 * record['test_majority_rate']:.2f}%), best val {val}, {record['steps']} steps in "
+          f"{record['wall_time_s']:.0f}s")
+    rate = record.get("train_tokens_per_s")
+    kind = MEMORY_KINDS.get(record.get("peak_memory_kind"), record.get("peak_memory_kind"))
+    print(f"[lra]   run folder: {record['output_dir']}"
+          + (f"; best checkpoint: {record['checkpoint']}" if record.get("checkpoint") else ""))
+    print(f"[lra]   training speed: {f'{rate:,.0f} tokens/s' if rate else 'n/a'} (median step); peak memory: "
+          f"{record.get('peak_memory_mb', 0):,.1f} MB ({kind})")
+    for profile in sorted(Path(record["output_dir"]).glob("*-profile.txt")):
+        print(f"[lra]   profile (Lightning's SimpleProfiler): {profile}")
+    if not cfg.record and not cfg.trainer.fast_dev_run:
+        print("[lra]   record=false: no run record written.")
+    for note in notes:
+        print(f"[lra]   {note}")
 
 
 def _name(cfg: DictConfig) -> str:
@@ -298,18 +323,9 @@ def _save_record(cfg: DictConfig, record: dict, state: dict) -> str:
     return str(path)
 
 
-def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict) -> dict:
-    """The run itself -> its measurements; ``state`` receives the datamodule and the trainer as they come to exist."""
-    state["ckpt_dir"] = ckpt_dir
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
-    _check_launch(trainer_cfg)
-    # protocol.test_checkpoint: best (best validation accuracy) | last (the weights training ended with, as LRA tests)
-    which = str(cfg.protocol.get("test_checkpoint", "best"))
-    if which not in ("best", "last"):
-        raise ConfigError(f"protocol.test_checkpoint must be 'best' or 'last', got {which!r}.")
-
+def build(cfg: DictConfig, state: dict) -> tuple:
+    """The datamodule (prepared and set up; also ``state["datamodule"]``), the model and its LightningModule of a
+    composed config: what training and ``lra.eval`` both run."""
     datamodule = state["datamodule"] = hydra.utils.instantiate(cfg.task.datamodule, seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup()
@@ -326,6 +342,24 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     except (KeyError, TypeError, ValueError) as err:  # unknown attention or option, or a bad option value
         raise ConfigError(f"model={cfg.model.name}: {err.args[0]}") from None
     module = LRAModule(model, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps)
+    return datamodule, model, module
+
+
+def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str | None, state: dict) -> dict:
+    """The run itself -> its measurements; ``state`` receives the datamodule and the trainer as they come to exist."""
+    state["ckpt_dir"] = ckpt_dir
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
+    if isinstance(trainer_cfg.get("profiler"), dict):  # debug=profiler: a profiler writing into the run folder
+        trainer_cfg["profiler"] = hydra.utils.instantiate(trainer_cfg["profiler"])
+    _check_launch(trainer_cfg)
+    # protocol.test_checkpoint: best (best validation accuracy) | last (the weights training ended with, as LRA tests)
+    which = str(cfg.protocol.get("test_checkpoint", "best"))
+    if which not in ("best", "last"):
+        raise ConfigError(f"protocol.test_checkpoint must be 'best' or 'last', got {which!r}.")
+
+    datamodule, model, module = build(cfg, state)
     if ckpt_path is not None:
         check_checkpoint(Path(ckpt_path), model)
 
@@ -337,30 +371,38 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
     # last.ckpt at every validation (Lightning's save_last follows only improvements): what a resumed run continues
     latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     throughput, history = Throughput(), state.setdefault("history", RunHistory())
-    try:
-        logger = hydra.utils.instantiate(cfg.logger) if cfg.logger else False
-    except Exception as err:  # a logger package that is not installed, or a bad logger option
-        cause = err.__cause__ or err
-        raise ConfigError(f"logger {cfg.logger.get('_target_', '?')} could not be created: {type(cause).__name__}: "
-                          f"{cause}. Install its package (pip install -e '.[...]'), or pick another logger "
-                          f"(logger=csv, logger=none).") from None
+    loggers = state["loggers"] = build_loggers(cfg.logger)  # ConfigError if a logger's package is missing
     trainer = state["trainer"] = L.Trainer(
         **trainer_cfg,
         max_epochs=-1,
         check_val_every_n_epoch=None,
         default_root_dir=out_dir,
-        logger=logger,
+        logger=loggers or False,
         use_distributed_sampler=False,  # the datamodule shards its own loaders (resumable training order)
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[checkpoint, latest, throughput, history, StepSeed(cfg.seed), StepProgressBar()],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
-    fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
-    state["segments"] = (history.earlier_s, history.segments)
-    best = None if fast or which == "last" else checkpoint.best_model_path or None
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    params = hyperparameters(OmegaConf.to_container(cfg, resolve=True), cell=state.get("cell"),
+                             output_dir=str(out_dir), resumed_from=ckpt_path)
+    try:
+        log_hyperparams(loggers, params)
+        with warnings.catch_warnings():
+            if ckpt_path is not None or cfg.resume:  # continuing in the experiment's folder: it holds checkpoints
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
+        fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
+        state["segments"] = (history.earlier_s, history.segments)
+        best = None if fast or which == "last" else checkpoint.best_model_path or None
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+        log_hyperparams(loggers, params, {"hp/val_acc": float(checkpoint.best_model_score or 0),
+                                          "hp/test_acc": float(tested["test/acc"])})
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            close_loggers(loggers, failed=True)
+        raise
+    state["notes"] = close_loggers(loggers)  # W&B: where an offline run is and how to upload it
 
     return {
         "status": "ok",
@@ -396,7 +438,16 @@ def main(cfg: DictConfig) -> float:
 
     A failed run has written its failure record. Alone, the process then exits with status 2 and a one-paragraph
     message for known causes (an unexpected error keeps its traceback); in a multirun the sweep goes on.
+    The console output (messages, warnings, the progress bars' final states) is also kept in the run folder's
+    ``train.log`` (global rank zero).
     """
+    log = _output_dir(cfg) / "train.log" if rank_zero_only.rank == 0 else None
+    quiet_known_noise()
+    with tee_console(log):
+        return _main(cfg)
+
+
+def _main(cfg: DictConfig) -> float:
     try:
         record = run(cfg)
     except Exception as err:

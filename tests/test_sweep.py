@@ -180,6 +180,8 @@ def test_ddp_two_cpu_processes_write_one_record_with_exact_test_accuracy(tmp_pat
     assert record["world_size"] == 2 and record["steps"] == 6 and record["status"] == "ok"
     correct = record["test_acc"] * 64
     assert abs(correct - round(correct)) < 1e-4
+    (log,) = (tmp_path / "logs").rglob("train.log")  # rank zero's console alone: one line per validation
+    assert log.read_text().count("[lra] step 6: val/acc") == 1 and proc.stderr.count("[lra] step 6: val/acc") == 1
 
 
 def test_optuna_search_resumes_its_stored_study(tmp_path):

@@ -7,8 +7,10 @@
     lra-data bench    TASK [--batches N] [--steps N] [OVERRIDES ...]
 
 Every command composes the training config (``configs/train.yaml`` with ``task=TASK`` and the Hydra
-``OVERRIDES``, e.g. ``protocol=nystrom`` or ``task.max_len=1000``) and instantiates the task's datamodule,
-so its paths, options and cache keys are exactly those of ``python -m lra.train task=TASK OVERRIDES``.
+``OVERRIDES``, e.g. ``protocol=quick`` or ``task.max_len=1000``) and instantiates the task's datamodule,
+so its paths, options and cache keys are exactly those of ``python -m lra.train task=TASK OVERRIDES``. The
+protocol is ``nystrom`` unless ``protocol=`` is given: the data ``make reproduce`` trains on (``protocol=quick``:
+the demo's small generated sets).
 ``--data-dir``/``--lra-release`` are ``paths.data_dir``/``paths.lra_release``.
 
 * ``status``: per task (every ``configs/task/*.yaml``, or the TASKs named): its source, each source file
@@ -61,6 +63,7 @@ from lra.data.base import RELEASE_URL, SPLITS, DataError
 from lra.data.listops_generator import ListOpsSpec
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_PROTOCOL = "nystrom"  # the protocol of `make reproduce`: status and prepare look at the data it needs
 CHUNK = 1 << 20
 EXTRACT_RATIO = 20  # extraction stops beyond this multiple of the whole archive's size (--max-extract-gb)
 SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {"set_attrs": False}
@@ -72,7 +75,8 @@ def task_names() -> list[str]:
 
 
 def compose_task(task: str, overrides: list[str], data_dir: str | None = None, lra_release: str | None = None):
-    """The composed training config for ``task=<task>`` and ``overrides`` (as ``python -m lra.train`` sees it)."""
+    """The composed training config for ``task=<task>`` and ``overrides`` (as ``python -m lra.train`` sees it), the
+    protocol ``DEFAULT_PROTOCOL`` unless the overrides name one."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -81,6 +85,8 @@ def compose_task(task: str, overrides: list[str], data_dir: str | None = None, l
     if task not in task_names():
         raise DataError(f"unknown task {task!r}; the tasks are the files of {CONFIGS / 'task'}: "
                         f"{', '.join(task_names())}.")
+    if not any(o.startswith("protocol=") for o in overrides):
+        overrides = [f"protocol={DEFAULT_PROTOCOL}", *overrides]
     paths = []
     if data_dir:
         paths.append(f"paths.data_dir={data_dir}")
@@ -518,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, func, help, task=True, release=True):
         p = sub.add_parser(name, help=help, epilog="Hydra overrides (key=value words) may follow anywhere, e.g. "
-                           "protocol=nystrom task.max_len=1000 data.batch_size=8.")
+                           "protocol=quick task.max_len=1000 data.batch_size=8 (default protocol: nystrom).")
         if task:
             p.add_argument("task", help="a task: " + ", ".join(task_names()))
         p.add_argument("--data-dir", help="paths.data_dir (default: the config's, LRA_DATA_DIR or data)")

@@ -18,7 +18,8 @@ Sources (``source`` option):
 * ``hub`` (default): Hugging Face ``imdb`` through ``datasets``. ``hub_path``, when set, is a folder written
   by ``DatasetDict.save_to_disk`` (``lra-data download text`` writes ``<data_dir>/hub/<hub_name>``, which is
   used when present); otherwise ``datasets.load_dataset(hub_name)`` (its cache, or the network).
-* ``tfds``: TFDS ``imdb_reviews``, LRA's own source (``pip install 'lra[tfds]'``; imported lazily).
+* ``tfds``: TFDS ``imdb_reviews``, LRA's own source (``make install EXTRAS=tfds``; imported lazily). Tested on
+  TFDS's own mock data (``tests/test_tfds.py``, slow).
 
 The hub machinery (``HubDataModule``) is shared with the Image task; ``encode_bytes`` with Retrieval.
 """
@@ -73,9 +74,9 @@ def import_tfds():
         import tensorflow_datasets as tfds
     except ImportError:
         raise DataError(
-            "task.source=tfds needs TensorFlow Datasets, which is not installed. Install the optional extra "
-            "(`pip install 'lra[tfds]'`, which brings tensorflow-datasets; it also needs tensorflow) or use "
-            "task.source=hub (Hugging Face datasets, installed with lra)."
+            "task.source=tfds needs TensorFlow Datasets, which is not installed. Install the optional extra: "
+            "`make install EXTRAS=tfds` (or `pip install 'lra[tfds]'`: tensorflow-datasets and TensorFlow, about "
+            "1.5 GB), or use task.source=hub (Hugging Face datasets, installed with lra)."
         ) from None
     return tfds
 

@@ -1,0 +1,97 @@
+"""lightning-hydra-template conventions: the debug/ group (fdr, overfit, profiler: no records) and lra.eval, which
+tests a checkpoint without training, from its run folder's config or a composed one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lra.eval
+from lra.preflight import ConfigError
+from lra.results import load_records
+from lra.train import run
+from tests.conftest import TINY, option_names
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_debug_group_and_the_trainer_choices(make_cfg):
+    assert option_names("debug") == ["fdr", "overfit", "profiler"]
+    assert {"cpu", "gpu", "ddp"} <= set(option_names("trainer"))
+    for name in option_names("debug"):
+        cfg = make_cfg(*TINY, f"debug={name}")
+        assert cfg.record is False, name
+    assert make_cfg(*TINY, "debug=fdr").trainer.fast_dev_run is True
+    assert make_cfg(*TINY, "debug=overfit").trainer.overfit_batches == 4
+    assert make_cfg(*TINY, "debug=profiler").trainer.profiler._target_.endswith("SimpleProfiler")
+    assert make_cfg(*TINY, "trainer=ddp").trainer.strategy == "ddp"
+
+
+def test_debug_fdr_and_profiler_run_and_write_no_record(make_cfg, tmp_path):
+    record = run(make_cfg(*TINY, "debug=fdr", run_dir="fdr"))
+    assert record["steps"] == 1
+    run(make_cfg(*TINY, "debug=profiler", "trainer.max_steps=6", "trainer.val_check_interval=3", run_dir="prof"))
+    assert (tmp_path / "prof" / "fit-profile.txt").is_file() and (tmp_path / "prof" / "test-profile.txt").is_file()
+    assert "run_training_batch" in (tmp_path / "prof" / "fit-profile.txt").read_text()
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_debug_overfit_learns_its_few_batches(make_cfg, tmp_path):
+    run(make_cfg(*TINY, "debug=overfit", "trainer.max_steps=60", "trainer.val_check_interval=60", run_dir="over"))
+    losses = [float(r["train/loss"]) for r in csv.DictReader((tmp_path / "over" / "csv" / "metrics.csv").open())
+              if r["train/loss"]]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained by ``python -m lra.train`` (a real Hydra run folder with .hydra/config.yaml), its record and the
+    path overrides; shared by the evaluation tests (which write only under their own results folder)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+             f"paths.results_dir={tmp_path / 'results'}"]
+    proc = subprocess.run([sys.executable, "-m", "lra.train", *TINY, *paths], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = load_records(tmp_path / "results")
+    return record, paths
+
+
+def test_eval_tests_a_checkpoint_from_its_run_folder(trained, tmp_path, capsys):
+    record, paths = trained
+    results = f"paths.results_dir={tmp_path / 'results'}"
+    assert lra.eval.main([f"ckpt_path={record['checkpoint']}", results]) == 0
+    out = capsys.readouterr().out
+    assert f"val accuracy {100 * record['val_acc']:.2f}%, test accuracy {100 * record['test_acc']:.2f}%" in out
+    assert "no record written" in out and not (tmp_path / "results" / "evals").exists()
+
+    cfg, source, _ = lra.eval.compose([f"ckpt_path={record['checkpoint']}", "data.eval_batch_size=7", results])
+    assert source.endswith(".hydra/config.yaml") and cfg.data.eval_batch_size == 7
+    result = lra.eval.evaluate(cfg, source, record=True)
+    assert result["test_acc"] == pytest.approx(record["test_acc"]) and result["checkpoint_step"] == 3
+    (stored,) = (tmp_path / "results" / "evals").rglob("*.json")
+    saved = json.loads(stored.read_text())
+    assert saved["kind"] == "evaluation" and saved["checkpoint"] == record["checkpoint"]
+    assert load_records(tmp_path / "results") == []  # evaluations are not training records: the tables skip them
+
+
+def test_eval_composes_from_the_command_line_and_refuses_other_weights(trained, capsys):
+    record, paths = trained
+    args = [f"ckpt_path={record['checkpoint']}", "task=listops", "model=transformer", *TINY, *paths]
+    cfg, source, recording = lra.eval.compose(args)
+    assert source.startswith("configs/") and not recording and cfg.logger == {}
+    assert lra.eval.evaluate(cfg, source)["test_acc"] == pytest.approx(record["test_acc"])
+    with pytest.raises(ConfigError, match="holds another model's weights"):
+        lra.eval.evaluate(lra.eval.compose([*args, "model=nystromformer"])[0])
+    assert lra.eval.main([*args[:1], "trainer=cpu"]) == 2
+    assert "is used as saved" in capsys.readouterr().err
+    assert lra.eval.main(["task=listops"]) == 2
+    assert "ckpt_path= is required" in capsys.readouterr().err
