@@ -62,14 +62,18 @@ Choices (each exposed where it matters):
 
 Outputs (overwrite policy): each run writes its full record (settings, git commit, device, every row) to a new
 ``<out>/fidelity/<time>_<id>.json`` in exclusive mode, never replaced. ``<out>/fidelity.md`` and
-``<out>/fidelity.csv`` are the latest run's tables, regenerated (and replaced) at every run; both name the
-record they come from, so a replaced table is never lost.
+``<out>/fidelity.csv`` are the tables of the latest run with the default settings (``make fidelity``), regenerated
+at every such run; a run with any option of its own (an exploratory run) writes
+``<out>/fidelity-custom-<record id>.{md,csv}`` instead and never replaces the default report. Both name the record
+they come from. Methods that are not an approximation of softmax by design (``NOT_SOFTMAX_BY_DESIGN``: Skyformer's
+unnormalised Gaussian kernel) are shown as ``not comparable`` in the Markdown table (their errors stay in the CSV).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import secrets
@@ -92,12 +96,17 @@ from tqdm.auto import tqdm
 import lra.attention as attention
 from lra.attention.softmax import SoftmaxAttention
 from lra.models.encoder import Encoder
-from lra.results import device_name, git_state
+from lra.results import create_json, device_name, git_state, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 EXACT_ATTENTIONS = ("softmax", "sdpa")
 PURE_ATTENTION_OPTIONS = {"conv_kernel": 0}  # option -> value that removes a part outside the approximation
+NOT_SOFTMAX_BY_DESIGN = {  # attention -> why its error against softmax measures two different functions
+    "skyformer": "Skyformer approximates an unnormalised Gaussian-kernel attention, exp(q·k/√d − ‖q‖²/2√d − ‖k‖²/2√d) "
+                 "V with no row normalisation, by design: not softmax attention, so its distance from softmax is the "
+                 "distance between two functions (it grows with N), not an approximation error",
+}
 VARIANTS = ("configured", "pure")
 COMPARE = ("heads", "projected")
 RANDOM = "random"
@@ -467,8 +476,15 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "argv"},
         "sources": {str(k): v for k, v in sources.items()},
+        "custom": is_custom(args),  # an exploratory run: its own report files, never the default report's
         "rows": rows,
     }
+
+
+def is_custom(args: argparse.Namespace) -> bool:
+    """Whether any setting differs from ``make fidelity``'s defaults (``--out`` and ``--device`` do not count)."""
+    defaults = vars(parse_args([]))
+    return any(v != defaults[k] for k, v in vars(args).items() if k not in ("argv", "out", "device"))
 
 
 def fmt(value: float | None) -> str:
@@ -517,7 +533,10 @@ def render_markdown(record: dict, record_path: Path) -> str:
         "row (every real token weighted 1/n) is the level a method has to beat. Variant `pure`: the options in",
         "parentheses are switched off because they add to the softmax approximation rather than approximate it",
         "(e.g. Nyströmformer's convolution of V); the `configured` rows of such methods mostly measure that",
-        "untrained addition, the `pure` rows the approximation itself.",
+        "untrained addition, the `pure` rows the approximation itself: Nyströmformer and Proxyformer add a depthwise",
+        "convolution of V (kernel 35) whose kernel is freshly initialised here, so their `configured` errors (≈ 4-5)",
+        "say how large an untrained convolution is, not how good the Nyström approximation is. Methods that are not",
+        "an approximation of softmax by design are marked `not comparable` (their errors stay in the CSV).",
         "",
     ]
     lengths = sorted({r["length"] for r in rows})
@@ -537,6 +556,9 @@ def render_markdown(record: dict, record_path: Path) -> str:
                 r = cells.get((method, variant, changed, n))
                 if r is None:
                     row.append("")
+                elif r["status"] == "ok" and r["attention"] in NOT_SOFTMAX_BY_DESIGN:
+                    reason = NOT_SOFTMAX_BY_DESIGN[r["attention"]]
+                    row.append(f"not comparable [{skipped.setdefault(reason, len(skipped) + 1)}]")
                 elif r["status"] == "ok":
                     row.append(f"{fmt(r['rel_error_mean'])} ± {fmt(r['rel_error_std'])}")
                 else:
@@ -544,7 +566,8 @@ def render_markdown(record: dict, record_path: Path) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if skipped:
-        lines += ["## Skipped cells", ""] + [f"{i}. {reason}" for reason, i in skipped.items()] + [""]
+        lines += ["## Skipped and not comparable cells", ""] + [f"{i}. {reason}" for reason, i in skipped.items()]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -554,20 +577,19 @@ def write_outputs(record: dict, out: Path) -> tuple[Path, Path, Path]:
     The CSV has one row per method x variant x length x input kind (``CSV_COLUMNS``); its last columns repeat
     the run's seed, commit, device, torch version and record path on every row, so it stays a plain table.
     """
-    folder = out / "fidelity"
-    folder.mkdir(parents=True, exist_ok=True)
-    record_path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}_{secrets.token_hex(3)}.json"
-    with open(record_path, "x") as f:
-        json.dump(record, f, indent=1)
-    md = out / "fidelity.md"
-    md.write_text(render_markdown(record, record_path))
-    table = out / "fidelity.csv"
+    record_path = create_json(out / "fidelity" / f"{time.strftime('%Y%m%d-%H%M%S')}_{secrets.token_hex(3)}.json",
+                              record)
+    stem = "fidelity" if not record.get("custom") else f"fidelity-custom-{record_path.stem}"
+    md = out / f"{stem}.md"
+    write_text_atomic(md, render_markdown(record, record_path))
+    table = out / f"{stem}.csv"
     run_columns = {"seed": record["settings"]["seed"], "commit": record["git"]["commit"], "device": record["device"],
                    "torch": record["torch"], "record": str(record_path)}
-    with open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows({**row, **run_columns} for row in record["rows"])
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**row, **run_columns} for row in record["rows"])
+    write_text_atomic(table, buffer.getvalue())
     return record_path, md, table
 
 

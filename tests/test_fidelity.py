@@ -187,7 +187,9 @@ def test_report_files_one_row_per_method_variant_length_input(tmp_path, capsys):
     argv = _tiny(tmp_path, "--models", "nystromformer", "tost", "--batches", "1", "--compare", "projected")
     assert fidelity.main(argv) == 0
     out = tmp_path / "results"
-    with open(out / "fidelity.csv", newline="") as f:
+    assert not (out / "fidelity.md").exists()  # an exploratory run never replaces the default report
+    (table,) = out.glob("fidelity-custom-*.csv")
+    with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == CSV_COLUMNS
     keys = [(r["method"], r["variant"], r["length"], r["input"]) for r in rows]
@@ -210,11 +212,27 @@ def test_report_files_one_row_per_method_variant_length_input(tmp_path, capsys):
     record = json.loads(records[0].read_text())
     assert record["command"].startswith("python -m lra.fidelity --lengths 64 128") and len(record["rows"]) == len(rows)
     assert {(r["commit"], r["record"], r["seed"]) for r in rows} == {(record["git"]["commit"], str(records[0]), "0")}
-    md = (out / "fidelity.md").read_text()
+    assert table.name == f"fidelity-custom-{records[0].stem}.csv" and record["custom"] is True
+    md = table.with_suffix(".md").read_text()
     assert record["git"]["commit"] in md and records[0].name in md and "untrained" in md
     assert "| nystromformer | pure (conv_kernel=0) |" in md and "| uniform | reference point |" in md
     assert "| tost | configured | skipped [1] | skipped [1] |" in md
-    assert str(out / "fidelity.md") in capsys.readouterr().out
+    assert str(table.with_suffix(".md")) in capsys.readouterr().out
+
+
+def test_the_default_run_writes_the_report_and_not_comparable_methods_are_marked(tmp_path):
+    row = {"method": "skyformer", "attention": "skyformer", "variant": "configured", "variant_options": "",
+           "length": 64, "input": "random", "status": "ok", "rel_error_mean": 160.0, "rel_error_std": 2.0}
+    record = {"command": "python -m lra.fidelity", "started": "t", "runtime_s": 0, "custom": False,
+              "git": {"commit": "abc", "dirty": False}, "device": "cpu", "torch": "x", "sources": {},
+              "rows": [{**row, **{c: None for c in CSV_COLUMNS if c not in row}}],
+              "settings": {"dtype": "float32", "seed": 0, "protocol": "nystrom", "batches": 1, "batch_size": 1,
+                           "compare": "heads", "qk_scale": 1.0}}
+    _, md, table = fidelity.write_outputs(record, tmp_path)
+    assert (md.name, table.name) == ("fidelity.md", "fidelity.csv")
+    text = md.read_text()
+    assert "| skyformer | configured | not comparable [1] |" in text and "unnormalised Gaussian-kernel" in text
+    assert "160" in table.read_text()  # the error itself stays in the CSV
 
 
 def test_run_records_are_never_overwritten(tmp_path, monkeypatch):
