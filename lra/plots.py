@@ -58,6 +58,7 @@ def _guides(ax, lengths: list[int], anchor: float, falling: bool = False) -> Non
     """Dashed O(N) and O(N²) slopes through ``anchor`` at the shortest length, labelled at the longest (``falling``:
     for a rate, which drops as 1/N and 1/N²)."""
     lo, hi = min(lengths), max(lengths)
+    ax.set_xlim(lo / 1.15, hi * 1.45)  # room for the labels at the right end
     for power, name in ((1, "O(N)"), (2, "O(N²)")):
         end = anchor * (hi / lo) ** (-power if falling else power)
         ax.plot([lo, hi], [anchor, end], color="0.6", linestyle=(0, (4, 3)), linewidth=0.9, zorder=1)

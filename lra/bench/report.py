@@ -256,6 +256,8 @@ def plot_run(records: list[dict], plots_dir: Path) -> list[Path]:
 
     first = records[0]
     stem = f"{first['profile']}_{first['device_slug']}"
+    if first["profile"].endswith("-custom"):  # each exploratory run has its own section, and its own plots
+        stem += f"_{first['run_id']}"
     memory = next((r["memory_method"] for r in records if r.get("memory_method")), "not measured")
     written = []
     for (mode, precision, batch), curves in sorted(length_curves(records).items()):
