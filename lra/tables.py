@@ -56,6 +56,7 @@ NOT_ATTENTION = {"ssm-papers": "Not attention: state-space models, as published 
                               "their papers' averages include Path-X)"}
 UNSOURCED = ("proxyformer", "cast")  # no published LRA figures could be sourced (no public code either)
 KNOWN_REASONS = "known_deviations.csv"  # results/known_deviations.csv: protocol, model, task, reason (* = any)
+NOT_RUN = "not_run.csv"  # results/not_run.csv: protocol, model, task, why: cells deliberately left to other hardware
 
 
 # ---- rows: which records form one experiment, and how it is labelled ------------------------------------------
@@ -241,7 +242,8 @@ def _columns(task_labels: list[str], published_tasks: set[str]) -> list[tuple[st
 class Table:
     """One protocol's rows, shared by the Markdown, CSV and LaTeX writers."""
 
-    def __init__(self, protocol: str, cells: dict, pub: dict, sources: list[str], known: list[dict]):
+    def __init__(self, protocol: str, cells: dict, pub: dict, sources: list[str], known: list[dict],
+                 not_run: list[dict] = ()):
         self.protocol = protocol
         self.cells = {k: v for k, v in cells.items() if k[0] == protocol}
         self.pub = {k: v for k, v in pub.items() if k[0] == protocol}
@@ -253,6 +255,13 @@ class Table:
         rows |= {(m, "–") for (_, m, _) in self.pub if m not in models_with_rows}
         self.rows = sorted(rows, key=lambda r: (r[0].split(" ")[0], r[0], r[1]))
         self.known = known
+        self.not_run = {(r["model"], r["task"]): r["why"] for r in not_run if r["protocol"] == protocol}
+        self.notes: dict[str, int] = {}
+
+    def missing(self, row, task_label) -> str:
+        """``–``, or ``not run [k]`` for a cell deliberately left undone (``results/not_run.csv``)."""
+        why = self.not_run.get((row[0], base_task(task_label)))
+        return "–" if why is None else f"not run [{self.notes.setdefault(why, len(self.notes) + 1)}]"
 
     def measured(self, row, task_label):
         return self.cells.get((self.protocol, row[0], row[1], task_label))
@@ -307,7 +316,7 @@ def markdown_section(t: Table, title: str) -> list[str]:
         for kind, task in t.columns:
             if kind == "measured":
                 c = t.measured(row, task)
-                cells.append(cell_text(c) if c else "–")
+                cells.append(cell_text(c) if c else t.missing(row, task))
             else:
                 p = t.published(row, task)
                 cells.append(f"{p['accuracy']}{t.source_number(p['source'])}" if p else "–")
@@ -325,6 +334,8 @@ def markdown_section(t: Table, title: str) -> list[str]:
     tested = sorted({x for c in t.cells.values() for x in c.get("tested", [])})
     if tested:
         lines += [f"Tested checkpoint: {' and '.join(tested)} (per the protocol).", ""]
+    if t.notes:
+        lines += ["Not run:", "", *[f"{k}. {why}" for why, k in t.notes.items()], ""]
     deviations = t.deviations()
     if deviations:
         lines += ["Measured cells more than one point from their published figure:", "", *deviations, ""]
@@ -440,9 +451,10 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None, plo
     sources = list(dict.fromkeys(row["source"] for row in published))
     pub = {(r["protocol"], r["model"], r["task"]): r for r in published}
     known = load_known_reasons(results_dir / KNOWN_REASONS)
+    not_run = load_known_reasons(results_dir / NOT_RUN)
     protocols = sorted({k[0] for k in cells} | {k[0] for k in pub if k[0] not in NOT_ATTENTION},
                        key=lambda p: (p not in ("nystrom", "lra"), p == "quick", p))
-    tables = [Table(p, cells, pub, sources, known) for p in protocols]
+    tables = [Table(p, cells, pub, sources, known, not_run) for p in protocols]
     reference = [Table(p, cells, pub, sources, known) for p in NOT_ATTENTION if any(k[0] == p for k in pub)]
     written = [
         write_text_atomic(results_dir / "accuracy.md", render_markdown(tables, reference, sources, results_dir)),

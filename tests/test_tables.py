@@ -18,6 +18,7 @@ nystrom,nystromformer,text,65.52,Paper A,
 nystrom,nystromformer,retrieval,79.56,Paper A,
 nystrom,nystromformer,image,41.58,Paper A,
 nystrom,nystromformer,pathfinder,70.94,Paper A,
+nystrom,transformer,listops,37.10,Paper A,
 ssm-papers,s4,listops,59.60,Paper S,
 ssm-papers,s4,average,86.09,Paper S,
 """
@@ -103,3 +104,11 @@ def test_validation_curves_are_drawn_from_the_records(results):
     written = render(results)
     (curve,) = [p for p in written if p.name.startswith("val_curves_")]
     assert curve.name == "val_curves_nystrom_listops_cpu.png" and curve.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cells_left_to_other_hardware_say_so(results):
+    (results / "not_run.csv").write_text("protocol,model,task,why\nnystrom,transformer,listops,too slow on a CPU\n")
+    record(results, "listops", 37.0, generated=True)
+    text = render(results, plots=False)[0].read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| transformer |"))
+    assert "not run [1]" in row and "1. too slow on a CPU" in text
