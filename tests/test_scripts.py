@@ -35,6 +35,7 @@ def test_reproduce_accuracy_runs_the_sweep_then_the_tables(tmp_path):
     assert again.returncode == 0 and "skipped" in again.stdout and len(load_records(tmp_path / "results")) == 1
 
 
+@pytest.mark.slow  # three benchmark processes and a render: about a minute
 def test_reproduce_efficiency_benchmarks_and_renders(tmp_path):
     proc = _run("reproduce_efficiency.sh", tmp_path=tmp_path, PROFILES="quick",
                 BENCH_ARGS="--models nystromformer --lengths 64 --device cpu --warmup 0 --repeats 1 --threads 1")

@@ -184,6 +184,7 @@ def test_ddp_two_cpu_processes_write_one_record_with_exact_test_accuracy(tmp_pat
     assert log.read_text().count("[lra] step 6: val/acc") == 1 and proc.stderr.count("[lra] step 6: val/acc") == 1
 
 
+@pytest.mark.slow  # two Optuna subprocess sweeps: about a minute
 def test_optuna_search_resumes_its_stored_study(tmp_path):
     """Two invocations of a 2-trial ``hparams_search=lr_dropout``: the second loads the SQLite study and adds to it;
     trial records stay out of the accuracy tables' folder."""

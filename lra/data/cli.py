@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -128,6 +129,24 @@ def _folder_size(folder: Path) -> int:
 
 
 # ---- status -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def hub_offline(enabled: bool = True):
+    """Within the block, the Hugging Face libraries read only their local caches (no network, no retries)."""
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
+             huggingface_hub.constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
+         huggingface_hub.constants.HF_HUB_OFFLINE) = saved
 def cmd_status(args) -> int:
     for task in args.tasks or task_names():
         try:
@@ -149,7 +168,8 @@ def cmd_status(args) -> int:
             for path in missing[:5]:
                 print(f"  missing  {path}")
         try:
-            current = None if missing else dm.cache_dir
+            with hub_offline(not files):  # a status never waits on the network: the library's cache or nothing
+                current = None if missing else dm.cache_dir
         except DataError as err:  # e.g. a hub dataset that cannot be loaded here
             current = None
             print(f"  -> cannot key the cache: {err}")
