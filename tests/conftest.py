@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,19 @@ TINY = [
     "trainer.val_check_interval=3",
     "trainer.log_every_n_steps=1",
 ]
+
+
+def tmp_paths(tmp_path: Path, results: bool = True) -> list[str]:
+    """Overrides that keep a run's data, logs and (with ``results``) records under ``tmp_path``."""
+    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    return paths + [f"paths.results_dir={tmp_path / 'results'}"] if results else paths
+
+
+def train_subprocess(args: list[str], tmp_path: Path, results: bool = True) -> subprocess.CompletedProcess:
+    """``python -m lra.train *args`` at the TINY settings in ``tmp_path`` (1 thread, paths from ``tmp_paths``)."""
+    env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lra.train", *args, *TINY, *tmp_paths(tmp_path, results)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 
 def option_names(group: str) -> list[str]:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import lra.eval
 from lra.preflight import ConfigError
 from lra.results import load_records
 from lra.train import run
-from tests.conftest import TINY, option_names
+from tests.conftest import TINY, option_names, tmp_paths, train_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,14 +52,10 @@ def trained(tmp_path_factory):
     """A run trained by ``python -m lra.train`` (a real Hydra run folder with .hydra/config.yaml), its record and the
     path overrides; shared by the evaluation tests (which write only under their own results folder)."""
     tmp_path = tmp_path_factory.mktemp("trained")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-             f"paths.results_dir={tmp_path / 'results'}"]
-    proc = subprocess.run([sys.executable, "-m", "lra.train", *TINY, *paths], capture_output=True, text=True,
-                          cwd=tmp_path, env=env)
+    proc = train_subprocess([], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = load_records(tmp_path / "results")
-    return record, paths
+    return record, tmp_paths(tmp_path)
 
 
 def test_eval_tests_a_checkpoint_from_its_run_folder(trained, tmp_path, capsys):

@@ -4,10 +4,7 @@ console kept in train.log; no warnings about folders that are expected to exist.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import lra.loggers
 from lra.console import LineLog
 from lra.preflight import ConfigError
 from lra.train import run
-from tests.conftest import TINY, Killed, kill_at_step
+from tests.conftest import TINY, Killed, kill_at_step, train_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_STEPS = [*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2"]
@@ -198,11 +195,7 @@ def test_a_resumed_run_does_not_warn_about_its_checkpoint_folder(make_cfg, tmp_p
 def test_the_console_is_kept_in_train_log_with_a_summary(tmp_path):
     """``python -m lra.train``: train.log holds the messages, each validation's line, the bars' final states and the
     end-of-run summary (run folder, tokens/s, peak memory); no warning about the logs' folder."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-             f"paths.results_dir={tmp_path / 'results'}"]
-    proc = subprocess.run([sys.executable, "-m", "lra.train", *TINY, *paths], capture_output=True, text=True,
-                          cwd=tmp_path, env=env)
+    proc = train_subprocess([], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (log,) = (tmp_path / "logs").rglob("train.log")
     text = log.read_text()

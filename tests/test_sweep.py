@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,17 +15,9 @@ from lra.results import cell_key, load_records, write_record
 from lra.sweep import main as sweep_main
 from lra.tables import render
 from lra.train import ConfigError, run
-from tests.conftest import TINY, Killed, kill_at_step
+from tests.conftest import TINY, Killed, kill_at_step, train_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _subprocess(args: list[str], tmp_path: Path, results: bool = True) -> subprocess.CompletedProcess:
-    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
-    paths += [f"paths.results_dir={tmp_path / 'results'}"] if results else []
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lra.train", *args, *TINY, *paths], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=600)
 
 
 def _table_rows(results: Path) -> dict[str, dict]:
@@ -90,7 +80,7 @@ def test_a_sweep_with_a_failing_cell_finishes_tabulates_and_resumes(tmp_path):
     extra.mkdir(parents=True)
     (extra / "broken.yaml").write_text("name: broken\nattention: softmax\noptions:\n  not_an_option: 1\n")
     args = ["-m", "model=transformer,broken", "resume=true", f"hydra.searchpath=[file://{tmp_path / 'extra'}]"]
-    first = _subprocess(args, tmp_path)
+    first = train_subprocess(args, tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]
     assert "failed   listops/broken/quick seed 0  bad config" in first.stdout
     assert "not_an_option" in first.stderr
@@ -98,7 +88,7 @@ def test_a_sweep_with_a_failing_cell_finishes_tabulates_and_resumes(tmp_path):
     rows = _table_rows(tmp_path / "results")
     assert rows["transformer"]["kind"] == "measured" and rows["transformer"]["n"] == "1" and "broken" not in rows
 
-    second = _subprocess(args, tmp_path)
+    second = train_subprocess(args, tmp_path)
     assert second.returncode == 1, second.stderr[-3000:]
     assert "skipped  listops/transformer/quick seed 0" in second.stdout
     assert "failed   listops/broken/quick seed 0  bad config" in second.stdout
@@ -174,7 +164,7 @@ def test_bad_checkpoint_path_is_a_clear_error_and_no_failure_record(make_cfg, tm
 def test_ddp_two_cpu_processes_write_one_record_with_exact_test_accuracy(tmp_path):
     """``trainer=ddp`` on 2 CPU processes (gloo): both train, rank zero alone writes the record, and the test
     accuracy is counted over the whole test split (64 rows), not averaged over the processes' shards."""
-    proc = _subprocess(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"], tmp_path)
+    proc = train_subprocess(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = load_records(tmp_path / "results")
     assert record["world_size"] == 2 and record["steps"] == 6 and record["status"] == "ok"
@@ -191,7 +181,7 @@ def test_optuna_search_resumes_its_stored_study(tmp_path):
     optuna = pytest.importorskip("optuna", reason="the Optuna sweeper is the 'sweep' extra: pip install -e '.[sweep]'")
     args = ["-m", "hparams_search=lr_dropout", "hydra.sweeper.n_trials=2"]
     for _ in range(2):
-        proc = _subprocess(args, tmp_path, results=False)  # the search's own results folder
+        proc = train_subprocess(args, tmp_path, results=False)  # the search's own results folder
         assert proc.returncode == 0, proc.stderr[-3000:]
     name = "listops_quick_transformer_lr_dropout"
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'logs' / 'optuna' / name}.db")

@@ -14,7 +14,7 @@ import pytest
 from lra.results import load_records, write_record
 from lra.tables import render
 from lra.train import ConfigError, run
-from tests.conftest import TINY, Killed, kill_at_step, option_names
+from tests.conftest import TINY, Killed, kill_at_step, option_names, train_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,10 +82,7 @@ def test_unknown_attention_name_is_a_clear_error(make_cfg):
 def test_multirun_then_tables(tmp_path):
     """``python -m lra.train -m model=transformer,sdpa seed=0,1`` then ``lra-tables``: one cell per model, n=2."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-             f"paths.results_dir={tmp_path / 'results'}"]
-    cmd = [sys.executable, "-m", "lra.train", "-m", "model=transformer,sdpa", "seed=0,1", *TINY, *paths]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = train_subprocess(["-m", "model=transformer,sdpa", "seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = subprocess.run([sys.executable, "-m", "lra.tables", "--results-dir", str(tmp_path / "results"),
                              "--published", str(REPO / "results" / "published.csv")],
