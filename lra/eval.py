@@ -125,8 +125,7 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
     torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
     datamodule, model, module = build(cfg, {})
     ckpt = Path(cfg.ckpt_path)
-    check_checkpoint(ckpt, model)
-    step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step")
+    step = check_checkpoint(ckpt, model).get("global_step")
     trainer = L.Trainer(**trainer_cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[StepProgressBar()])
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False, weights_only=True)[0]

@@ -145,15 +145,21 @@ def check_writable(folder: Path) -> None:
                           f"point paths.results_dir elsewhere (the run has not started).") from None
 
 
-def loads(path: Path) -> str | None:
-    """None if ``path`` is a loadable checkpoint, else why not."""
+def read_checkpoint(path: Path) -> tuple[dict | None, str | None]:
+    """``(checkpoint, None)`` if ``path`` is a loadable Lightning checkpoint (read with ``weights_only=True``), else
+    ``(None, why not)``."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            return "not a Lightning checkpoint (no state_dict)"
     except Exception as err:  # torn, truncated, foreign: torch raises many kinds
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return None
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return None, "not a Lightning checkpoint (no state_dict)"
+    return checkpoint, None
+
+
+def loads(path: Path) -> str | None:
+    """None if ``path`` is a loadable checkpoint, else why not."""
+    return read_checkpoint(path)[1]
 
 
 def usable_checkpoint(folder: Path) -> tuple[Path | None, str | None]:
@@ -183,13 +189,14 @@ def usable_checkpoint(folder: Path) -> tuple[Path | None, str | None]:
     return None, f"{last} is unreadable ({why}; kept as {aside.name}) and no other checkpoint loads: starting over."
 
 
-def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
-    """``path`` must load and hold weights of exactly this model's parameters (names and shapes)."""
-    why = loads(path)
+def check_checkpoint(path: Path, model: torch.nn.Module) -> dict:
+    """``path`` must load and hold weights of exactly this model's parameters (names and shapes); returns the
+    checkpoint (read once)."""
+    checkpoint, why = read_checkpoint(path)
     if why is not None:
         raise ConfigError(f"ckpt_path={path} cannot be loaded: {why}. Give a checkpoint written by a run of this "
                           f"suite (<run dir>/checkpoints/last.ckpt), or drop ckpt_path.")
-    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    saved = checkpoint["state_dict"]
     expected = {f"model.{k}": v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
@@ -199,6 +206,7 @@ def check_checkpoint(path: Path, model: torch.nn.Module) -> None:
                  (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if keys]
         raise ConfigError(f"ckpt_path={path} holds another model's weights ({'; '.join(parts)}). Resume with the "
                           f"task, model and protocol of the run that wrote it.")
+    return checkpoint
 
 
 class CellLock:
