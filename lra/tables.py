@@ -468,15 +468,18 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None, plo
 
 # ---- plots --------------------------------------------------------------------------------------------------------
 def curve_groups(records: list[dict]) -> dict[tuple, dict[str, list]]:
-    """``(protocol, task label, hardware) -> row label -> [(seed, [(step, val_acc %)])]`` from ``val_history``."""
+    """``(protocol, task label, hardware) -> row label -> [(seed, [(step, val_acc %)])]`` from ``val_history``.
+
+    A row whose finished records all lack a history (written before records kept one) maps to ``[]``, so that its
+    plot can name it instead of leaving it out silently; a group with no history at all is dropped."""
     labels = variant_labels(records)
     groups = defaultdict(lambda: defaultdict(list))
     for r in records:
-        history = r.get("val_history") or []
-        if r.get("status", "ok") == "ok" and history:
-            points = [(h["step"], 100 * h["val_acc"]) for h in history]
-            groups[(r["protocol"], task_label(r), hardware(r))][labels[r["_path"]]].append((r["seed"], points))
-    return groups
+        if r.get("status", "ok") == "ok":
+            curves = groups[(r["protocol"], task_label(r), hardware(r))][labels[r["_path"]]]
+            if history := r.get("val_history"):
+                curves.append((r["seed"], [(h["step"], 100 * h["val_acc"]) for h in history]))
+    return {key: curves for key, curves in groups.items() if any(curves.values())}
 
 
 def task_lengths(records: list[dict]) -> dict[tuple, int]:
@@ -507,8 +510,11 @@ def validation_plots(records: list[dict], results_dir: Path) -> list[Path]:
     for (protocol, task, where), curves in sorted(curve_groups(records).items()):
         slug = f"{protocol}_{task.replace(' [generated]', '-generated')}_{where.split(' · ')[0]}"
         path = results_dir / "plots" / f"val_curves_{slug.lower().replace(' ', '-')}.png"
-        written.append(plots.plot_validation_curves(
-            curves, path, f"protocol {protocol}, {task}, {where}: validation accuracy during training"))
+        title = f"protocol {protocol}, {task}, {where}: validation accuracy during training"
+        if without := sorted(label for label, runs in curves.items() if not runs):
+            title += f" (not drawn, their records keep no validation history: {', '.join(without)})"
+        drawn = {label: runs for label, runs in curves.items() if runs}
+        written.append(plots.plot_validation_curves(drawn, path, title))
     return written
 
 

@@ -106,6 +106,17 @@ def test_validation_curves_are_drawn_from_the_records(results):
     assert curve.name == "val_curves_nystrom_listops_cpu.png" and curve.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_validation_curves_name_the_rows_whose_records_keep_no_history(results):
+    from lra.tables import curve_groups, load_records
+
+    record(results, "listops", 37.0, steps=(50, 100))
+    record(results, "listops", 30.0, model="transformer", steps=())
+    (curves,) = curve_groups(load_records(results)).values()
+    assert curves["transformer"] == [] and curves["nystromformer"] == [(0, [(50, 18.5), (100, 37.0)])]
+    record(results, "text", 60.0, steps=())
+    assert len(curve_groups(load_records(results))) == 1  # nothing to draw for text: no plot
+
+
 def test_cells_left_to_other_hardware_say_so(results):
     (results / "not_run.csv").write_text("protocol,model,task,why\nnystrom,transformer,listops,too slow on a CPU\n")
     record(results, "listops", 37.0, generated=True)
