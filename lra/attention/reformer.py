@@ -46,15 +46,15 @@ eval, so eval forwards are deterministic; ``always``: fresh at every forward, ev
 upstream quirk, selected by ``${quirk:always,train}`` in recipe_model/nystrom_reformer.yaml); ``never``: the
 seeded ones always.
 
-The Nyströmformer harness (``LRA/code/attention_reformer.py``: HuggingFace transformers 3.3.1
-``LSHSelfAttention`` with ``ReformerConfig()`` defaults, 2 hashes) is this variant with ``num_hashes=2``,
-``chunk_size=64``, ``qkv_bias=False``, ``redraw_hashes=always``, dropout 0 (measured: max |Δ| ≈ 3e-7 against the
-verbatim HF layer given the same rotations; the ListOps logits of ``protocol=nystrom model=reformer`` are within
-6e-8 of the harness's model running HF 3.3.1, float32, padded batch, same weights and rotations).
-Remaining differences, none changing outputs at the harness's power-of-two lengths: HF derives ``b`` as the
-power of two ≤ ``2N/64`` (cached at the first forward), the same as the rule above for N = 1024/2048/4096; HF does not pad internally (it needs ``R·N`` divisible by 64);
-HF's masks are ``−1e9``/``−1e5`` constants (the same weights for real queries); HF's LSH layer has no output
-projection, the harness's ``ff`` (a Linear with bias) plays the role of ``out_proj``.
+The Nyströmformer harness (``LRA/code/attention_reformer.py``: HuggingFace transformers 3.3.1 ``LSHSelfAttention``
+with ``ReformerConfig()`` defaults, 2 hashes) is this variant with ``num_hashes=2``, ``chunk_size=64``,
+``qkv_bias=False``, ``redraw_hashes=always``, dropout 0 (measured: max |Δ| ≈ 3e-7 against the verbatim HF layer
+given the same rotations; the ListOps logits of ``protocol=nystrom model=reformer`` are within 6e-8 of the
+harness's model running HF 3.3.1, float32, padded batch, same weights and rotations). Remaining differences, none
+changing outputs at the harness's power-of-two lengths: HF derives ``b`` as the power of two ≤ ``2N/64`` (cached at
+the first forward), the same as the rule above for N = 1024/2048/4096; HF does not pad internally (it needs ``R·N``
+divisible by 64); HF's masks are ``−1e9``/``−1e5`` constants (the same weights for real queries); HF's LSH layer
+has no output projection, the harness's ``ff`` (a Linear with bias) plays the role of ``out_proj``.
 
 ``variant="lra"`` reproduces LRA's code (google-research/long-range-arena ``models/reformer/
 reformer_attention.py``, selected by ``protocol=lra``), every upstream quirk included: the input is zero-padded
