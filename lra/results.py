@@ -71,6 +71,9 @@ ADDED = {  # settings every config has now, added since older records were writt
     "trainer.float32_matmul_precision": "highest",
     "protocol.test_checkpoint": "best",
 }
+ADDED_OPTIONS = {  # per attention (``model.attention``): options added since, with what older runs computed
+    "proxyformer": {"model.options.landmark_dropout_on": "pinv"},
+}
 
 
 def _leaves(tree, prefix: str = "") -> dict:
@@ -89,16 +92,16 @@ def device_type(record: dict) -> str | None:
 
 
 def experiment(config: dict | None, record: dict | None = None) -> dict:
-    """What a run *was*: the leaves of its resolved config (``{"optim.lr": 1e-4, ...}``) without ``VOLATILE_KEYS``
-    and paths (``PATH_LEAVES``), older setting names mapped to today's (``RENAMED``), settings added since filled
-    with the value older runs used (``ADDED``). With its ``record``, the hardware is what the run really used
-    (``trainer.accelerator`` cpu|gpu and the effective ``trainer.precision``; records written before these were
-    resolved in the config say ``auto`` and the configured precision there)."""
+    """What a run *was*: the leaves of its resolved config (``{"optim.lr": 1e-4, ...}``) without ``VOLATILE_KEYS`` and
+    paths (``PATH_LEAVES``), older setting names mapped to today's (``RENAMED``), settings added since filled with
+    the value older runs used (``ADDED``, and ``ADDED_OPTIONS`` for their attention). With its ``record``, the
+    hardware is what the run really used (``trainer.accelerator`` cpu|gpu and the effective ``trainer.precision``;
+    records written before these were resolved in the config say ``auto`` and the configured precision there)."""
     kept = {k: v for k, v in (config or {}).items() if k not in VOLATILE_KEYS}
     leaves = {RENAMED.get(k, k): v for k, v in _leaves(kept).items()}
     leaves = {k: v for k, v in leaves.items() if k.rsplit(".", 1)[-1] not in PATH_LEAVES}
     if leaves:
-        leaves = {**ADDED, **leaves}
+        leaves = {**ADDED, **ADDED_OPTIONS.get(leaves.get("model.attention"), {}), **leaves}
     if record is not None and device_type(record) and record.get("precision"):
         leaves.update({"trainer.accelerator": device_type(record), "trainer.precision": record["precision"]})
     return leaves

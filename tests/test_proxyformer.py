@@ -114,8 +114,63 @@ def test_proxy_pinv_is_cached_in_eval_until_the_proxies_change():
     assert not torch.allclose(first, changed)
 
 
-def test_landmark_dropout_is_random_in_training_only():
-    attn = _build(landmark_dropout=0.5).train()
+def test_k2_dropout_zeroes_rows_of_z_and_inverts_the_kept_columns():
+    """Dropping columns of K2 before the pseudo-inverse: Z's rows of the dropped landmarks are exactly zero, the
+    others are the pseudo-inverse of K2's kept columns."""
+    from lra.attention.nystromformer import landmark_pinv
+
+    g = torch.Generator().manual_seed(3)
+    landmarks = torch.randn(HEADS, 8, DH, generator=g, dtype=torch.float64)
+    keep = torch.rand(2, HEADS, 1, 8, generator=g) >= 0.5
+    z = landmark_pinv(landmarks, landmarks, 60, "per_matrix", column_keep=keep)
+    k2 = torch.softmax(landmarks @ landmarks.transpose(-1, -2) * DH**-0.5, -1)
+    assert z.shape == (2, HEADS, 8, 8)
+    for b in range(2):
+        for h in range(HEADS):
+            kept = keep[b, h, 0]
+            assert z[b, h][~kept].abs().max() == 0
+            torch.testing.assert_close(z[b, h][kept], torch.linalg.pinv(k2[h][:, kept]), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("injection", [False, True])
+def test_k2_dropout_of_every_column_keeps_them_all(injection):
+    """A sample and head whose every column is drawn for dropping keeps them all: p = 1 is no dropout."""
+    x, mask = _batch()
+    plain = _build(injection=injection, landmark_dropout=0.0).train()(x, mask)
+    torch.testing.assert_close(_build(injection=injection, landmark_dropout=1.0).train()(x, mask), plain,
+                               rtol=0, atol=0)
+
+
+def test_k2_dropout_output_is_the_nystrom_formula_without_the_dropped_landmarks():
+    """In training, ``out = K1[:, kept] · pinv(K2[:, kept]) · K3 · V`` per sample and head, the kept columns drawn
+    from torch's RNG."""
+    attn = _build(num_proxies=8, injection=False, landmark_dropout=0.5, conv_kernel=0, pinv_iterations=60,
+                  dtype=torch.float64).train()
+    x, mask = _batch(dtype=torch.float64)
+    torch.manual_seed(11)
+    out = attn(x, mask)
+    torch.manual_seed(11)
+    keep = torch.rand(2, HEADS, 1, 8) >= 0.5
+    p = attn.proxies[0].detach()
+    q, k = attn.split_heads(attn.q_proj(x)), attn.split_heads(attn.k_proj(x))
+    v = attn.split_heads(attn.v_proj(x) * mask[..., None])
+    s = DH**-0.5
+    k1 = torch.softmax(q @ p.transpose(-1, -2) * s, -1)
+    k2 = torch.softmax(p @ p.transpose(-1, -2) * s, -1)
+    k3 = torch.softmax((p @ k.transpose(-1, -2) * s).masked_fill(~mask[:, None, None, :], -torch.inf), -1)
+    heads = torch.zeros_like(q)
+    for b in range(2):
+        for h in range(HEADS):
+            kept = keep[b, h, 0]
+            assert 0 < kept.sum() < 8  # the draw drops some columns and keeps some
+            heads[b, h] = k1[b, h][:, kept] @ torch.linalg.pinv(k2[h][:, kept]) @ k3[b, h] @ v[b, h]
+    expected = attn.out_proj(attn.merge_heads(heads))
+    torch.testing.assert_close(out[mask], expected[mask], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["k2", "pinv"])
+def test_landmark_dropout_is_random_in_training_only(target):
+    attn = _build(landmark_dropout=0.5, landmark_dropout_on=target).train()
     x, mask = _batch()
     assert not torch.allclose(attn(x, mask), attn(x, mask))
     attn.eval()
@@ -146,3 +201,8 @@ def test_16k_tokens_no_nan(dtype):
         attn.train()(x, mask)
     assert y.dtype == dtype and torch.isfinite(y).all()
     assert torch.isfinite(attn.aux_losses["proxy_contrastive"])
+
+
+def test_unknown_dropout_target_is_an_error():
+    with pytest.raises(ValueError, match="landmark_dropout_on"):
+        _build(landmark_dropout_on="rows")

@@ -203,3 +203,19 @@ def test_an_unresolvable_interpolation_is_a_clear_error(make_cfg, monkeypatch):
     monkeypatch.delenv("LRA_NO_SUCH_VARIABLE", raising=False)
     with pytest.raises(ConfigError, match="does not resolve.*LRA_NO_SUCH_VARIABLE"):
         run(make_cfg(*TINY, "optim.lr=${oc.env:LRA_NO_SUCH_VARIABLE}"))
+
+
+def test_records_from_before_an_option_existed_are_the_variant_they_ran():
+    """A Proxyformer record written before ``landmark_dropout_on`` existed dropped columns of pinv(K2): it is
+    that experiment, not today's default, and other models' records gain no such setting."""
+    from lra.results import experiment
+
+    old = {"seed": 0, "model": {"attention": "proxyformer", "options": {"landmark_dropout": 0.1}}}
+    new = {"seed": 0, "model": {"attention": "proxyformer",
+                                "options": {"landmark_dropout": 0.1, "landmark_dropout_on": "k2"}}}
+    assert experiment(old)["model.options.landmark_dropout_on"] == "pinv"
+    assert cell_key(old) != cell_key(new)
+    assert cell_key(old) == cell_key({**new, "model": {**new["model"], "options": {
+        "landmark_dropout": 0.1, "landmark_dropout_on": "pinv"}}})
+    other = {"seed": 0, "model": {"attention": "nystromformer", "options": {}}}
+    assert "model.options.landmark_dropout_on" not in experiment(other)

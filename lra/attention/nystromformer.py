@@ -88,11 +88,13 @@ def iterative_pinv(a: torch.Tensor, iterations: int, init_scaling: str = "per_ma
     return z
 
 
-def landmark_pinv(q_landmarks, k_landmarks, iterations, init_scaling, landmark_mask=None):
+def landmark_pinv(q_landmarks, k_landmarks, iterations, init_scaling, landmark_mask=None, column_keep=None):
     """``Z ≈ pinv(K2)`` with ``K2 = S(Q̃ K̃ᵀ)`` formed in the pseudo-inverse's precision.
 
     ``q_landmarks, k_landmarks: [..., H, m, Dh]``; ``landmark_mask: [B, m]`` or None. Masked landmarks get
-    zero rows and columns in K2 (see module doc). Returns ``[..., H, m, m]`` in float32 or float64.
+    zero rows and columns in K2 (see module doc). ``column_keep: [B, H, 1, m]`` bool or None: the columns of
+    K2 it marks False are zeroed after the softmax (Proxyformer's decomposed dropout), so those rows of ``Z``
+    are zero. Returns ``[..., H, m, m]`` (``[B, H, m, m]`` with ``column_keep``) in float32 or float64.
 
     With gradients the iteration is checkpointed: its ``~8 · iterations`` intermediate ``m x m`` matrices per
     sample and head are recomputed in backward instead of being kept (a few ``m³`` matmuls against
@@ -104,6 +106,8 @@ def landmark_pinv(q_landmarks, k_landmarks, iterations, init_scaling, landmark_m
         k2 = masked_softmax(q_landmarks @ k_landmarks.to(dtype).transpose(-1, -2), landmark_mask)
         if landmark_mask is not None:
             k2 = k2 * landmark_mask[:, None, :, None]
+        if column_keep is not None:
+            k2 = k2 * column_keep.to(dtype)
     if k2.requires_grad:
         return checkpoint(iterative_pinv, k2, iterations, init_scaling, use_reentrant=False)
     return iterative_pinv(k2, iterations, init_scaling)

@@ -15,7 +15,7 @@ axis, padded keys masked wherever keys are attended)::
     injection:  Q̃ = P_q + α · S(P_q Qᵀ) Q,   K̃ = P_k + α · S(P_k Kᵀ) K       [B, H, m, Dh]
     no injection:  Q̃ = P_q, K̃ = P_k
     K1 = S(Q K̃ᵀ) [B, H, N, m],   K2 = S(Q̃ K̃ᵀ) [., H, m, m],   K3 = S(Q̃ Kᵀ) [B, H, m, N]
-    out = K1 · (Z · D · (K3 · V)) + conv(V),   Z ≈ pinv(K2),   D = diag(δ) / (1 − p),   δ_j ~ Bernoulli(1 − p)
+    out = K1 · (Z · (K3 · V)) + conv(V),   Z ≈ pinv(K2 · diag(δ)),   δ_j ~ Bernoulli(1 − p) in training
 
 *Choices*:
 
@@ -31,11 +31,16 @@ axis, padded keys masked wherever keys are attended)::
   every other proxy. Without injection it is a pure spreading term on the proxies. It is computed in float32
   and ``contrastive_weight · mean over roles`` (weight 0.1) is stored as ``aux_losses["proxy_contrastive"]``
   during training forwards only (an empty dict in eval or with weight 0).
-- Decomposed dropout (``landmark_dropout = p``, 0.1): the paper drops columns of the landmark-landmark
-  matrix. Here the columns of ``Z = pinv(K2)`` are dropped (per sample and head) with ``1 / (1 − p)``
-  rescaling, i.e. ``Z · D``: each dropped column removes landmark ``j``'s value summary ``(K3 V)_j``,
-  the output is unbiased in expectation, and the pseudo-inverse is still computed once (dropping columns of
-  ``K2`` before inverting would make every sample's pseudo-inverse different).
+- Decomposed dropout (``landmark_dropout = p``, 0.1; ``landmark_dropout_on``): the paper drops columns of
+  the landmark-landmark matrix ``K2`` in training. ``k2`` (default) does that: per sample and head each
+  column ``j`` of ``K2`` is zeroed with probability ``p`` before the pseudo-inverse, without rescaling
+  (*choice*: the paper's formula could not be consulted; a ``1/(1 − p)`` factor would only scale ``Z`` by
+  ``1 − p``, a train/eval mismatch). Row ``j`` of ``Z`` is then exactly zero and the others are the
+  pseudo-inverse of the kept columns, so landmark ``j`` leaves the decomposition through ``K1`` (*choice*: if
+  every column of a sample and head is drawn for dropping, that sample and head keeps them all). This costs
+  a pseudo-inverse per sample also without injection. ``pinv`` (this suite's reading before the paper's
+  wording was checked; kept so that its runs can be repeated) drops columns of ``Z = pinv(K2)`` instead,
+  with ``1 / (1 − p)`` rescaling (``Z · D``): each removes landmark ``j``'s value summary ``(K3 V)_j``.
 - Pseudo-inverse: Nyströmformer's iteration (``pinv_iterations`` 6, ``init_scaling`` ``per_matrix`` |
   ``global``), in float32 for half-precision inputs; see ``lra.attention.nystromformer``. Without
   injection ``K2 = S(P_q P_kᵀ)`` does not depend on the input, so ``Z: [1, H, m, m]`` is computed once per
@@ -87,22 +92,24 @@ class ProxyAttention(QKVAttention):
 
     Options: ``num_proxies`` (128), ``shared_proxies`` (True), ``injection`` (True), ``injection_strength``
     (1.0), ``contrastive_weight`` (0.1), ``contrastive_temperature`` (0.1), ``landmark_dropout`` (0.1),
-    ``pinv_iterations`` (6), ``init_scaling`` (``per_matrix`` | ``global``), ``conv_kernel`` (35),
-    ``qkv_bias``.
+    ``landmark_dropout_on`` (``k2`` | ``pinv``), ``pinv_iterations`` (6), ``init_scaling`` (``per_matrix`` |
+    ``global``), ``conv_kernel`` (35), ``qkv_bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_proxies: int = 128, shared_proxies: bool = True,
                  injection: bool = True, injection_strength: float = 1.0, contrastive_weight: float = 0.1,
                  contrastive_temperature: float = 0.1, landmark_dropout: float = 0.1,
-                 pinv_iterations: int = 6, init_scaling: str = "per_matrix", conv_kernel: int | None = 35,
-                 qkv_bias: bool = True, qkv_dim: int | None = None, out_bias: bool = True):
+                 landmark_dropout_on: str = "k2", pinv_iterations: int = 6, init_scaling: str = "per_matrix",
+                 conv_kernel: int | None = 35, qkv_bias: bool = True, qkv_dim: int | None = None,
+                 out_bias: bool = True):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         check_choice("init_scaling", init_scaling, ("per_matrix", "global"))
+        check_choice("landmark_dropout_on", landmark_dropout_on, ("k2", "pinv"))
         roles = 1 if shared_proxies else 2
         self.proxies = nn.Parameter(torch.randn(roles, num_heads, num_proxies, self.head_dim))
         self.injection, self.injection_strength = injection, injection_strength
         self.contrastive_weight, self.contrastive_temperature = contrastive_weight, contrastive_temperature
-        self.landmark_dropout = landmark_dropout
+        self.landmark_dropout, self.landmark_dropout_on = landmark_dropout, landmark_dropout_on
         self.pinv_iterations, self.init_scaling = pinv_iterations, init_scaling
         self.conv = sequence_conv(num_heads, conv_kernel)
         self._pinv_cache: tuple[tuple, torch.Tensor] | None = None
@@ -123,16 +130,22 @@ class ProxyAttention(QKVAttention):
     def attend(self, q, k, v, mask):
         # one tensor when shared; cast to the core's dtype (fp32 core with half weights)
         p_q, p_k = self.proxies[0].to(q.dtype), self.proxies[-1].to(q.dtype)
+        drop = self.training and self.landmark_dropout > 0
+        keep = None  # K2's columns kept by the decomposed dropout: [B, H, 1, m]
+        if drop and self.landmark_dropout_on == "k2":
+            keep = torch.rand(q.shape[0], self.num_heads, 1, p_q.shape[-2], device=q.device) >= self.landmark_dropout
+            keep |= ~keep.any(-1, keepdim=True)  # never drop every column of a sample and head
         if self.injection:
             q_landmarks = inject(p_q, q, mask, self.injection_strength)
             k_landmarks = inject(p_k, k, mask, self.injection_strength)
-            z = landmark_pinv(q_landmarks, k_landmarks, self.pinv_iterations, self.init_scaling)
+            z = landmark_pinv(q_landmarks, k_landmarks, self.pinv_iterations, self.init_scaling, column_keep=keep)
         else:
             q_landmarks, k_landmarks = p_q, p_k
-            z = self._proxy_pinv(p_q, p_k)
-        if self.training and self.landmark_dropout:
-            keep = torch.ones(q.shape[0], self.num_heads, 1, z.shape[-1], dtype=z.dtype, device=z.device)
-            z = z * F.dropout(keep, self.landmark_dropout)  # drop columns of Z, per sample and head
+            z = (self._proxy_pinv(p_q, p_k) if keep is None else
+                 landmark_pinv(p_q, p_k, self.pinv_iterations, self.init_scaling, column_keep=keep))
+        if drop and self.landmark_dropout_on == "pinv":
+            ones = torch.ones(q.shape[0], self.num_heads, 1, z.shape[-1], dtype=z.dtype, device=z.device)
+            z = z * F.dropout(ones, self.landmark_dropout)  # drop columns of Z, per sample and head
         out = nystrom_product(q, k, v, q_landmarks, k_landmarks, z, mask)
         self.aux_losses = {}
         if self.training and self.contrastive_weight:
@@ -143,4 +156,5 @@ class ProxyAttention(QKVAttention):
 
     def extra_repr(self) -> str:
         return (f"num_proxies={self.proxies.shape[-2]}, shared_proxies={self.proxies.shape[0] == 1}, "
-                f"injection={self.injection}, landmark_dropout={self.landmark_dropout}")
+                f"injection={self.injection}, landmark_dropout={self.landmark_dropout} "
+                f"(on {self.landmark_dropout_on})")
