@@ -38,9 +38,10 @@ axis, padded keys masked wherever keys are attended)::
   ``1 − p``, a train/eval mismatch). Row ``j`` of ``Z`` is then exactly zero and the others are the
   pseudo-inverse of the kept columns, so landmark ``j`` leaves the decomposition through ``K1`` (*choice*: if
   every column of a sample and head is drawn for dropping, that sample and head keeps them all). This costs
-  a pseudo-inverse per sample also without injection. ``pinv`` (this suite's reading before the paper's
-  wording was checked; kept so that its runs can be repeated) drops columns of ``Z = pinv(K2)`` instead,
-  with ``1 / (1 − p)`` rescaling (``Z · D``): each removes landmark ``j``'s value summary ``(K3 V)_j``.
+  a pseudo-inverse per sample also without injection. ``pinv`` (this suite's choice before commit df94b93,
+  made so that without injection one pseudo-inverse serves the whole batch; kept so that its runs can be
+  repeated) drops columns of ``Z = pinv(K2)`` instead, with ``1 / (1 − p)`` rescaling (``Z · D``): each
+  removes landmark ``j``'s value summary ``(K3 V)_j``.
 - Pseudo-inverse: Nyströmformer's iteration (``pinv_iterations`` 6, ``init_scaling`` ``per_matrix`` |
   ``global``), in float32 for half-precision inputs; see ``lra.attention.nystromformer``. Without
   injection ``K2 = S(P_q P_kᵀ)`` does not depend on the input, so ``Z: [1, H, m, m]`` is computed once per
