@@ -24,15 +24,20 @@ def _batch(b=2, n=48, seed=1, dtype=torch.float32):
     return x, mask
 
 
-def _nystrom_reference(attn, x, mask, q_landmarks, k_landmarks):
-    """``K1 · pinv(K2) · K3 · V`` written out with ``torch.linalg.pinv``; landmarks ``[H, m, Dh]``."""
+def _nystrom_factors(attn, x, mask, q_landmarks, k_landmarks):
+    """``K1, K2, K3, V`` of the Nyström formula written out; landmarks ``[H, m, Dh]``."""
     q, k = attn.split_heads(attn.q_proj(x)), attn.split_heads(attn.k_proj(x))
     v = attn.split_heads(attn.v_proj(x) * mask[..., None])
     s = DH**-0.5
     k1 = torch.softmax(q @ k_landmarks.transpose(-1, -2) * s, -1)
     k2 = torch.softmax(q_landmarks @ k_landmarks.transpose(-1, -2) * s, -1)
     scores = (q_landmarks @ k.transpose(-1, -2) * s).masked_fill(~mask[:, None, None, :], -torch.inf)
-    k3 = torch.softmax(scores, -1)
+    return k1, k2, torch.softmax(scores, -1), v
+
+
+def _nystrom_reference(attn, x, mask, q_landmarks, k_landmarks):
+    """``K1 · pinv(K2) · K3 · V`` with ``torch.linalg.pinv``."""
+    k1, k2, k3, v = _nystrom_factors(attn, x, mask, q_landmarks, k_landmarks)
     return attn.out_proj(attn.merge_heads(k1 @ torch.linalg.pinv(k2) @ k3 @ v))
 
 
@@ -152,13 +157,8 @@ def test_k2_dropout_output_is_the_nystrom_formula_without_the_dropped_landmarks(
     torch.manual_seed(11)
     keep = torch.rand(2, HEADS, 1, 8) >= 0.5
     p = attn.proxies[0].detach()
-    q, k = attn.split_heads(attn.q_proj(x)), attn.split_heads(attn.k_proj(x))
-    v = attn.split_heads(attn.v_proj(x) * mask[..., None])
-    s = DH**-0.5
-    k1 = torch.softmax(q @ p.transpose(-1, -2) * s, -1)
-    k2 = torch.softmax(p @ p.transpose(-1, -2) * s, -1)
-    k3 = torch.softmax((p @ k.transpose(-1, -2) * s).masked_fill(~mask[:, None, None, :], -torch.inf), -1)
-    heads = torch.zeros_like(q)
+    k1, k2, k3, v = _nystrom_factors(attn, x, mask, p, p)
+    heads = torch.zeros_like(v)
     for b in range(2):
         for h in range(HEADS):
             kept = keep[b, h, 0]
