@@ -99,3 +99,19 @@ def test_temperature_is_exempt_from_weight_decay():
     temps = {id(block.attention.temp) for block in model.encoder.blocks}
     assert {id(p) for p in exempt["params"]} == temps and exempt["weight_decay"] == 0.0
     assert decayed["weight_decay"] == 0.1 and not temps & {id(p) for p in decayed["params"]}
+
+
+@pytest.mark.parametrize("n", [7, 2000])
+def test_token_energies_sum_to_the_head_width_whatever_the_length(n):
+    """Σ_n Σ_d ŵ² = Dh exactly: the energies average Dh / N, so Π flattens towards 1/H as N grows."""
+    from lra.attention.tost import token_energy
+
+    dh = DIM // HEADS
+    w = torch.randn(2, HEADS, n + 5, dh, dtype=torch.float64) * torch.logspace(-3, 3, dh, dtype=torch.float64)
+    real = torch.ones(2, n + 5, dtype=torch.bool)
+    real[0, n:] = False
+    w = w * real[:, None, :, None]
+    energy = token_energy(w)
+    torch.testing.assert_close(energy.sum(-1), torch.full((2, HEADS), float(dh), dtype=torch.float64))
+    assert (energy[0, :, n:] == 0).all()
+    torch.testing.assert_close(energy[0, :, :n], token_energy(w[:1, :, :n])[0])

@@ -24,6 +24,16 @@ Cost ``O(B N D)`` time and memory. Differences from the authors' module, all for
   authors register (the class default there is ``False``).
 - The authors exclude ``temp`` from weight decay; so does this module (``no_weight_decay``, honoured by
   ``lra.module.LRAModule``).
+
+Length: each of the ``Dh`` columns of ``ŵ`` has unit norm over the tokens, so the energies ``Σ_d ŵ²`` of the
+``N`` real tokens sum to exactly ``Dh`` (``token_energy``) and average ``Dh / N``. With ``temp`` near its initial
+1, the softmax over heads then sees nearly equal inputs at LRA lengths and ``Π ≈ 1/H`` for every token: a token's
+output is then ``−w/H · 1/(1 + s)``, and it sees the other tokens only through ``s``. (Measured on this suite's
+ListOps runs, ``protocol=nystrom``, seed 0: ``Π`` varies over the tokens of a sequence with standard deviation
+0.002-0.003 at ~1100 real tokens and 0.21 at ~19, ``temp`` still 1.00 ± 0.04 after training.) The authors' causal
+language model (``tost_lang/model_TSSA.py``) normalises by a running sum instead and adds a learned per-position
+term ``denom_bias`` to the energies; the vision operator followed here has no such term, and no bidirectional
+variant with one has been published, so none is offered.
 """
 
 from __future__ import annotations
@@ -34,6 +44,15 @@ from torch import nn
 
 from lra.attention import register
 from lra.attention.base import AttentionBase
+
+
+def token_energy(w: torch.Tensor) -> torch.Tensor:
+    """``Σ_d ŵ²`` with ``ŵ = w / max(‖w‖₂ over tokens, 1e-12)``: ``w: [B, H, N, Dh]`` -> ``[B, H, N]``.
+
+    Padded tokens must have ``w = 0`` (their energy is then 0). Over the tokens it sums to the number of nonzero
+    columns of ``w`` (``Dh`` in practice), whatever ``N``.
+    """
+    return F.normalize(w, dim=-2).square().sum(-1)
 
 
 @register("tost")
@@ -60,8 +79,7 @@ class TSSAttention(AttentionBase):
         w = self.qkv(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         w = w * real[..., None].to(w.dtype)  # padded tokens: w = 0, out of ‖w‖ over tokens
         w_sq = w.square()
-        energy = F.normalize(w, dim=-2).square().sum(-1)  # [B, H, N]
-        pi = torch.softmax(energy * self.temp, dim=1) * real  # over heads; padded tokens: Π = 0
+        pi = torch.softmax(token_energy(w) * self.temp, dim=1) * real  # over heads; padded tokens: Π = 0
         s = (pi / (pi.sum(-1, keepdim=True) + 1e-8)).unsqueeze(-2) @ w_sq  # [B, H, 1, Dh]
         y = -(w * pi[..., None]) * self.attn_drop(1.0 / (1.0 + s))
         return self.out_proj(y.transpose(1, 2).reshape(b, n, self.inner_dim))
