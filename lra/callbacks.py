@@ -137,7 +137,7 @@ class RunHistory(L.Callback):
             return
         metrics = trainer.callback_metrics
         self.history.append({"step": trainer.global_step, "val_acc": round(float(metrics["val/acc"]), 6),
-                             "val_loss": round(float(metrics["val/loss"]), 6), "elapsed_s": round(self.elapsed(), 1)})
+                             "val_loss": round(float(metrics["val/loss"]), 6), "elapsed_s": round(self.elapsed(), 2)})
 
     def state_dict(self) -> dict:
         return {"history": self.history, "elapsed_s": self.elapsed(), "segments": self.segments}
