@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import lra.attention as attention
-from lra.attention.performer import gaussian_orthogonal_features
+from lra.attention.performer import gaussian_orthogonal_features, positive_random_features
 from tests.memory import tracked_long_forward
 
 DIM, HEADS = 32, 2
@@ -139,6 +139,37 @@ def _phi(x, w, eps, c):
     return w.shape[0] ** -0.5 * (torch.exp(x @ w.T - x.pow(2).sum(-1, keepdim=True) / 2 - c) + eps)
 
 
+@pytest.mark.parametrize("stabiliser", ["row", "real_keys", "example", "batch"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_stabilisers_values_and_gradients_equal_their_maxima_written_out(stabiliser, detach):
+    """Each stabiliser ``c`` is its maximum of ``W x``; without ``detach`` its gradient is that of the maximum
+    (``amax`` here: no ties in random data), with it none. The second example has no real keys: its
+    ``real_keys`` features and stabiliser are zero, and it gets no gradient from them."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(24, HEAD_DIM, generator=g, dtype=torch.float64)
+    x = torch.randn(3, HEADS, 9, HEAD_DIM, generator=g, dtype=torch.float64).requires_grad_(True)
+    keep = torch.ones(3, 9, dtype=torch.bool)
+    keep[0, 6:], keep[1] = False, False
+    proj = x @ w.T
+    source = proj if not detach else proj.detach()
+    if stabiliser == "real_keys":
+        c = source.masked_fill(~keep[:, None, :, None], -torch.inf).amax((-2, -1), keepdim=True)
+        c = torch.nan_to_num(c, neginf=0.0)
+    else:
+        c = {"row": lambda: source.amax(-1, keepdim=True), "example": lambda: source.amax((-2, -1), keepdim=True),
+             "batch": lambda: source.amax()}[stabiliser]()
+    expected = _phi(x, w, 1e-4, c)
+    if stabiliser == "real_keys":
+        expected = expected * keep[:, None, :, None]
+    got = positive_random_features(x, w, 1e-4, keep if stabiliser == "real_keys" else None,
+                                   stabiliser=stabiliser, detach=detach)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    weights = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    (grad,), (expected_grad,) = (torch.autograd.grad((t * weights).sum(), x) for t in (got, expected))
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10 * expected_grad.abs().max().item())
+    assert torch.isfinite(grad).all()
+
+
 def _harness_reference(q, k, v, mask, w, eps=1e-4):
     """The Nyströmformer harness's Performer (the facts' A.4 formula) in float64."""
     s = HEAD_DIM**-0.5
@@ -252,6 +283,7 @@ def test_lra_softmax_kernel_redraws_from_the_queries_and_keeps_padded_keys():
     stabiliser over all keys of an example and head, padded keys and values included, the |R| <= eps guard."""
     attn = _build(dtype=torch.float64, variant="lra", num_features=2)
     q, k, v, mask = _qkv(2, 20, 1.0, seed=8, pad=(7, 0))
+    q.requires_grad_(True), k.requires_grad_(True)
     got = attn.attend(q, k, v, mask)
     w = attn.features.clone()
     expected_w = gaussian_orthogonal_features(2, HEAD_DIM, sign_fix=False, dtype=torch.float64, generator=
@@ -262,7 +294,12 @@ def test_lra_softmax_kernel_redraws_from_the_queries_and_keeps_padded_keys():
     phi_k = _phi(s * k, w, 1e-6, (s * k @ w.T).amax((-2, -1), keepdim=True))
     r = phi_q @ phi_k.sum(-2)[..., None]
     r = torch.where(r.abs() <= 1e-6, r + 2e-6, r)
-    torch.testing.assert_close(got, (phi_q @ (phi_k.transpose(-1, -2) @ v)) / r, rtol=1e-10, atol=1e-12)
+    expected = (phi_q @ (phi_k.transpose(-1, -2) @ v)) / r
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # gradients through both maxima, as upstream (not detached)
+    grads = torch.autograd.grad(got.sum(), (q, k))
+    for g, e in zip(grads, torch.autograd.grad(expected.sum(), (q, k)), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(attn.attend(q, k, v, mask), got, rtol=0, atol=0)  # same batch, same W
     attn.attend(q[:1], k[:1], v[:1], mask[:1])
     assert not torch.equal(attn.features, w)  # another batch, another W

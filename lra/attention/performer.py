@@ -52,9 +52,10 @@ value 0), so real outputs depend on how much padding an example has; (3) the key
 scalar over the whole micro-batch, coupling the examples through ``ε`` and the padded keys. Its other
 settings: ``ε = 1e-4``, no normaliser guard, ``W`` drawn once at construction and never redrawn
 (``redraw = 0``: FastAttention ≥ 0.14.0 never redraws itself), QR blocks without the sign fix (``W`` is not
-isotropic), the two maxima not detached (gradient flows through them, as upstream). Measured: with the same
+isotropic), the two maxima not detached (gradient flows through them to the maximising entry, as upstream;
+:func:`_maximum`). Measured: with the same
 weights and ``W``, the ListOps logits of ``protocol=nystrom model=performer`` equal those of the harness's
-model running performer-pytorch 0.15.0 to 2.2e-16 in float64 on a padded batch (0.57 apart with
+model running performer-pytorch 0.15.0 to 2.3e-15 in float64 on a padded batch (0.57 apart with
 ``protocol.quirks=fixed``).
 
 ``variant="lra"`` and ``kernel="relu"`` reproduce the original LRA code
@@ -82,6 +83,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from lra.attention import register
 from lra.attention.base import QKVAttention
@@ -128,25 +130,69 @@ def positive_random_features(x: torch.Tensor, projection: torch.Tensor, eps: flo
     of each row; queries), ``real_keys`` (over the real keys, ``keep: [B, N]``, and features of each example
     and head; padded keys then get zero features), ``example`` (over all keys and features of each example
     and head), ``batch`` (one maximum over the whole tensor). Default: ``row`` without ``keep``,
-    ``real_keys`` with it. ``detach``: no gradient through ``c``.
+    ``real_keys`` with it. ``detach``: no gradient through ``c``; otherwise ``c``'s gradient is that of the
+    maximising entry ``w_j · x̂_n`` (:func:`_maximum`), computed on ``[.., d]`` rows rather than routed
+    through the ``[B, H, N, m]`` tensor.
     """
     stabiliser = stabiliser or ("row" if keep is None else "real_keys")
-    proj = x @ projection.T  # W x̂: [B, H, N, m]
-    source = proj.detach() if detach else proj
-    if stabiliser == "row":
-        c = source.amax(-1, keepdim=True)
-    elif stabiliser == "real_keys":
-        c = source.masked_fill(~keep[:, None, :, None], -torch.inf).amax((-2, -1), keepdim=True)
-        c = torch.nan_to_num(c, neginf=0.0)  # an example without real keys
-    elif stabiliser == "example":
-        c = source.amax((-2, -1), keepdim=True)
-    else:  # batch
-        c = source.amax()
+    proj = F.linear(x.reshape(-1, x.shape[-1]), projection).view(*x.shape[:-1], -1)  # W x̂: [B, H, N, m], one mm
+    source = proj.detach()
+    if stabiliser == "real_keys":
+        source = source.masked_fill(~keep[:, None, :, None], -torch.inf)
+    c = _maximum(source, x, projection, stabiliser, detach)
     # m^(-1/2) (exp(a) + ε) = exp(a − log √m) + ε / √m, one fewer [B, H, N, m] temporary
     log_ratio = 0.5 * math.log(projection.shape[0])
     offset = x.pow(2).sum(-1, keepdim=True) / 2 + c + log_ratio
-    features = torch.exp(proj - offset) + eps * math.exp(-log_ratio)
+    features = torch.exp(proj + -offset) + eps * math.exp(-log_ratio)  # + -offset: no [B, H, N, m] negation in backward
     return features * keep[:, None, :, None].to(features.dtype) if stabiliser == "real_keys" else features
+
+
+def _maximum(source: torch.Tensor, x: torch.Tensor, projection: torch.Tensor, stabiliser: str,
+             detach: bool) -> torch.Tensor:
+    """The stabiliser ``c``: the maximum of ``source = W x̂: [B, H, N, m]`` (detached) over the stabiliser's
+    entries, kept with singleton dimensions (``row`` ``[B, H, N, 1]``, ``real_keys``/``example``
+    ``[B, H, 1, 1]``, ``batch`` a scalar).
+
+    With ``detach=False`` it carries the gradient of its maximising entry: ``c + (t − t.detach())`` with
+    ``t = w_j · x̂_n`` at the (first) argmax ``(n, j)``, exactly ``c`` in value and ``w_j`` in gradient with
+    respect to ``x̂_n``. That is the gradient of ``torch.max(dim=-1).values`` (the harness's query maximum) and,
+    away from ties (probability zero for real-valued inputs), of ``amax``, which would split it among equal
+    maxima.
+    """
+    b, h, n, m = source.shape
+    if stabiliser == "row":
+        c, j = source.max(-1, keepdim=True)  # [B, H, N, 1]
+        return c if detach else c + _carrier(x, projection[j[..., 0]])
+    if stabiliser == "batch":
+        flat = source.argmax()
+        c = source.reshape(-1)[flat]
+        if detach:
+            return c
+        bi, hi, ni, ji = torch.unravel_index(flat, source.shape)
+        return c + _carrier(x[bi, hi, ni], projection[ji]).squeeze(-1)
+    c, flat = source.reshape(b, h, n * m).max(-1)  # real_keys, example: [B, H]
+    c = torch.nan_to_num(c[..., None, None], neginf=0.0)  # real_keys: an example without real keys has c = 0
+    if detach:
+        return c
+    rows = x.gather(2, (flat // m)[:, :, None, None].expand(b, h, 1, x.shape[-1]))  # x̂_n: [B, H, 1, d]
+    return c + _carrier(rows, projection[flat % m][:, :, None, :])
+
+
+def _carrier(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``t − t.detach()`` with ``t = (x · w)`` summed over the last dimension (kept): zero, with gradient ``w``."""
+    t = (x * w).sum(-1, keepdim=True)
+    return t - t.detach()
+
+
+def linear_attention_sums(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor):
+    """``φq (φkᵀ v)`` ``[B, H, N, Dh]`` and ``φq Σ_j φk_j`` ``[B, H, N, 1]`` from features ``[B, H, N, m]``.
+
+    Both come from one pair of products, ``φq ((v | 1)ᵀ φk)ᵀ`` (``v`` with a column of ones), ordered so that the
+    gradients of the ``[B, H, N, m]`` features come out contiguous (no copies of them in backward).
+    """
+    values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)  # [B, H, N, Dh + 1]
+    out = phi_q @ (values.transpose(-1, -2) @ phi_k).transpose(-1, -2)  # [B, H, N, Dh + 1]
+    return out[..., :-1], out[..., -1:]
 
 
 @register("performer")
@@ -215,7 +261,8 @@ class PerformerAttention(QKVAttention):
             keys = k * mask[:, None, :, None].to(k.dtype) * scale  # padded keys = zero keys (bug 2)
             phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=False)
             phi_k = positive_random_features(keys, w, self.eps, stabiliser="batch", detach=False)  # (bug 3)
-            return (phi_q @ (phi_k.transpose(-1, -2) @ v)) / (phi_q @ phi_k.sum(-2)[..., None])
+            numerator, normaliser = linear_attention_sums(phi_q, phi_k, v)
+            return numerator / normaliser
         scale = self.head_dim ** -0.25  # applied once: q̂·k̂ = q·k/√d
         lra = self.variant == "lra"
         phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=not lra)
@@ -223,19 +270,18 @@ class PerformerAttention(QKVAttention):
             phi_k = positive_random_features(k * scale, w, self.eps, stabiliser="example", detach=False)
         else:
             phi_k = positive_random_features(k * scale, w, self.eps, keep=mask)
-        kv = phi_k.transpose(-1, -2) @ v  # [B, H, m, Dh]
-        normaliser = phi_q @ phi_k.sum(-2)[..., None]  # [B, H, N, 1]
+        numerator, normaliser = linear_attention_sums(phi_q, phi_k, v)
         normaliser = torch.where(normaliser.abs() <= self.eps, normaliser + 2 * self.eps, normaliser)
-        return (phi_q @ kv) / normaliser
+        return numerator / normaliser
 
     def _relu_kernel(self, q, k, v, mask):
         """Deterministic generalized attention ``φ(x) = relu(x) + ε`` (LRA's default Performer)."""
         phi_q, phi_k = torch.relu(q) + self.eps, torch.relu(k) + self.eps
         if self.variant == "lra":  # LRA: no padding mask, no guard
-            return (phi_q @ (phi_k.transpose(-1, -2) @ v)) / (phi_q @ phi_k.sum(-2)[..., None])
-        phi_k = phi_k * mask[:, None, :, None].to(phi_k.dtype)
-        normaliser = (phi_q @ phi_k.sum(-2)[..., None]).clamp_min(torch.finfo(phi_q.dtype).tiny)
-        return (phi_q @ (phi_k.transpose(-1, -2) @ v)) / normaliser
+            numerator, normaliser = linear_attention_sums(phi_q, phi_k, v)
+            return numerator / normaliser
+        numerator, normaliser = linear_attention_sums(phi_q, phi_k * mask[:, None, :, None].to(phi_k.dtype), v)
+        return numerator / normaliser.clamp_min(torch.finfo(phi_q.dtype).tiny)
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant}, kernel={self.kernel}, num_features={self.num_features}, "
