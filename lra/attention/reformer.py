@@ -234,8 +234,10 @@ class ReformerAttention(AttentionBase):
         if self.count_duplicates:
             scores = scores - duplicate_counts(slot, q_ids, k_ids, c).to(scores.dtype).log()
         low = torch.finfo(scores.dtype).min
-        scores = scores.masked_fill(q_ids[..., :, None] == k_ids[..., None, :], low / 2)
-        scores = scores.masked_fill(~k_real[..., None, :], low)
+        # a token's own key gets low / 2 (used only when it has no other), a padded key low: one pass over scores
+        fill = torch.where(k_real, scores.new_tensor(low / 2), scores.new_tensor(low))[..., None, :]  # [.., 1, 2c]
+        masked = (q_ids[..., :, None] == k_ids[..., None, :]) | ~k_real[..., None, :]
+        scores = torch.where(masked, fill, scores)
         out = self.dropout(torch.softmax(scores, dim=-1)) @ sv  # [B, H, R·C, c, Dh]
         return self.unsort(out, torch.logsumexp(scores, dim=-1), slot)[:, :, :n]
 
