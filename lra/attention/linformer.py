@@ -57,6 +57,16 @@ from lra.attention.base import QKVAttention
 INITS = ("normal", "xavier")
 
 
+def project(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``E X`` along the sequence: ``e: [H or 1, k, N]``, ``x: [B, H, N, Dh]`` -> ``[B, H, k, Dh]``.
+
+    As an einsum, so that a shared ``E`` is not expanded to ``[B, H, k, N]`` and copied (as ``e @ x`` does).
+    """
+    if e.shape[0] == 1:
+        return torch.einsum("rn,bhnd->bhrd", e[0], x)
+    return torch.einsum("hrn,bhnd->bhrd", e, x)
+
+
 @register("linformer")
 class LinformerAttention(QKVAttention):
     """Softmax attention over keys and values projected along the sequence (see the module doc).
@@ -104,14 +114,14 @@ class LinformerAttention(QKVAttention):
         e = self.key_projection[..., :n].to(q.dtype)  # [H or 1, k, N]
         f = e if self.value_projection is None else self.value_projection[..., :n].to(q.dtype)
         if not self.mask_padding:  # LRA: padded keys and values mixed in, no softmax mask
-            scores = (q @ (e @ k).transpose(-1, -2)) * self.head_dim ** -0.5
-            return self.dropout(torch.softmax(scores, dim=-1)) @ (f @ v)
+            scores = (q @ project(e, k).transpose(-1, -2)) * self.head_dim ** -0.5
+            return self.dropout(torch.softmax(scores, dim=-1)) @ project(f, v)
         keep = mask.to(q.dtype)  # [B, N]
-        k_low = e @ (k * keep[:, None, :, None])  # K̄: [B, H, k, Dh]
-        v_low = f @ v  # V̄ (v is zero at padded positions)
+        k_low = project(e, k * keep[:, None, :, None])  # K̄: [B, H, k, Dh]
+        v_low = project(f, v)  # V̄ (v is zero at padded positions)
         reached = torch.einsum("hrn,bn->bhr", e.detach().abs(), keep) > 0  # rows some real token reaches
         scores = (q @ k_low.transpose(-1, -2)) * self.head_dim ** -0.5  # [B, H, N, k]
-        scores = scores.masked_fill(~reached[:, :, None, :], torch.finfo(scores.dtype).min)
+        scores = torch.where(reached[:, :, None, :], scores, torch.finfo(scores.dtype).min)  # one pass, no copy
         return self.dropout(torch.softmax(scores, dim=-1)) @ v_low
 
     def extra_repr(self) -> str:
