@@ -15,9 +15,12 @@ The config is the one the run trained with:
 
 The checkpoint is loaded with ``weights_only=True`` (and must hold this model's weights: names and shapes); the
 validation and test splits are evaluated (exact counts over the whole splits, also under DDP) and their accuracy
-printed, with the test set's majority-class rate. Nothing is written unless ``record=true``: then one JSON record
-under ``<paths.results_dir>/evals/<protocol>/<task>/<model>/`` marked ``"kind": "evaluation"``, apart from the
-training records under ``runs/`` that the tables read, so an evaluation never counts as a training run.
+printed, with the test set's majority-class rate, and broken down where the task defines groups of rows
+(``datamodule.breakdown()``; ListOps: by root operator, MIN / MAX / MED / SM, whose difficulty differs widely).
+Nothing is written unless ``record=true``: then one JSON record under
+``<paths.results_dir>/evals/<protocol>/<task>/<model>/`` marked ``"kind": "evaluation"`` (with the breakdown
+under ``val_by``/``test_by``), apart from the training records under ``runs/`` that the tables read, so an
+evaluation never counts as a training run.
 Metric loggers, profilers and training-only debug settings (``fast_dev_run``, ``overfit_batches``) of the saved
 config are not used.
 """
@@ -124,6 +127,9 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
     trainer_cfg.pop("max_steps", None)
     torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
     datamodule, model, module = build(cfg, {})
+    breakdown = datamodule.breakdown()
+    if breakdown is not None:
+        module.breakdown = breakdown[1:]
     ckpt = Path(cfg.ckpt_path)
     step = check_checkpoint(ckpt, model).get("global_step")
     trainer = L.Trainer(**trainer_cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -140,6 +146,8 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
         "device": device_name(module.device), "world_size": trainer.world_size,
         "precision": trainer_cfg["precision"],
         "data": {**datamodule.describe_source(), "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
+        **({} if breakdown is None else {"by": breakdown[0], "val_by": _by(module.group_counts["val"]),
+                                          "test_by": _by(module.group_counts["test"])}),
         "config_source": source, "config": config, "git": git_state(REPO), "versions": package_versions(),
         "finished": time.time(),
     }
@@ -148,6 +156,13 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
               f"{cfg.seed}): val accuracy {100 * result['val_acc']:.2f}%, test accuracy "
               f"{100 * result['test_acc']:.2f}% (majority-class rate of this test set: "
               f"{100 * result['test_majority_rate']:.2f}%)")
+        if breakdown is not None:
+            print(f"[lra] accuracy by {breakdown[0]}, val / test (rows):")
+            for name in breakdown[1]:
+                val, test = (result[f"{split}_by"].get(name) for split in ("val", "test"))
+                if val or test:
+                    print(f"  {name:>8}  " + " / ".join(
+                        f"{100 * c['acc']:6.2f}% ({c['rows']})" if c else "     – (0)" for c in (val, test)))
         if record:
             folder = Path(cfg.paths.results_dir) / "evals" / cfg.protocol.name / cfg.task.name / cfg.model.name
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -157,6 +172,11 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
         else:
             print("[lra] no record written (record=true writes one under <results>/evals/)")
     return result
+
+
+def _by(counts: dict[str, tuple[int, int]]) -> dict[str, dict]:
+    """``{group: {"acc", "correct", "rows"}}`` from ``{group: (correct, rows)}``."""
+    return {name: {"acc": c / n, "correct": c, "rows": n} for name, (c, n) in counts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

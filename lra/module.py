@@ -58,6 +58,8 @@ class LRAModule(L.LightningModule):
     def __init__(self, model: LRAModel, optim: dict, max_steps: int):
         super().__init__()
         self.model, self.optim, self.max_steps = model, dict(optim), max_steps
+        self.breakdown = None  # lra.eval sets (group names, batch -> group index [B]) to count accuracy per group
+        self.group_counts: dict[str, dict[str, tuple[int, int]]] = {}  # stage -> {group: (correct, rows)}
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch)
@@ -111,21 +113,31 @@ class LRAModule(L.LightningModule):
     # Evaluation sums exact counts over the processes' shards: accuracy = correct / rows of the whole split.
     def _eval_start(self):
         self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, rows, loss sum
+        if self.breakdown is not None:  # [correct, rows] x group
+            self._group_sums = torch.zeros(2, len(self.breakdown[0]), dtype=torch.float64, device=self.device)
 
     def _eval_step(self, batch):
         logits = self(batch)
         ce = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
-        self._eval_sums[0] += (logits.argmax(-1) == batch["label"]).sum()
+        correct = logits.argmax(-1) == batch["label"]
+        self._eval_sums[0] += correct.sum()
         self._eval_sums[1] += len(logits)
         self._eval_sums[2] += ce
+        if self.breakdown is not None:
+            group = self.breakdown[1](batch)
+            self._group_sums.index_add_(1, group, torch.stack([correct, torch.ones_like(correct)]).double())
+
+    def _reduced(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums if self._trainer is None else self.trainer.strategy.reduce(sums, reduce_op="sum")
 
     def _eval_end(self, stage: str):
-        sums = self._eval_sums
-        if self._trainer is not None:
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        sums = self._reduced(self._eval_sums)
         rows = sums[1].clamp_min(1)
         self.log(f"{stage}/acc", (sums[0] / rows).float(), prog_bar=True)
         self.log(f"{stage}/loss", (sums[2] / rows).float())
+        if self.breakdown is not None:
+            counts = zip(self.breakdown[0], *self._reduced(self._group_sums).long().tolist(), strict=True)
+            self.group_counts[stage] = {name: (correct, rows) for name, correct, rows in counts if rows}
 
     def on_validation_epoch_start(self):
         self._eval_start()

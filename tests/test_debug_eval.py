@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 import lra.eval
+from lra.data.listops import tokenize
 from lra.preflight import ConfigError
 from lra.results import load_records
 from lra.train import run
 from tests.conftest import TINY, option_names, tmp_paths, train_subprocess
+from tests.test_listops import outermost_operator, rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,6 +76,25 @@ def test_eval_tests_a_checkpoint_from_its_run_folder(trained, tmp_path, capsys):
     (stored,) = (tmp_path / "results" / "evals").rglob("*.json")
     saved = json.loads(stored.read_text())
     assert saved["kind"] == "evaluation" and saved["checkpoint"] == record["checkpoint"]
+    assert saved["by"] == "root operator" and saved["test_by"] == result["test_by"]
+
+
+def test_eval_breaks_listops_accuracy_down_by_root_operator(trained, tmp_path, capsys):
+    record, _ = trained
+    cfg, source, _ = lra.eval.compose([f"ckpt_path={record['checkpoint']}", "data.eval_batch_size=5"])
+    result = lra.eval.evaluate(cfg, source)  # 64 rows a split: 12 full batches and a partial one
+    out = capsys.readouterr().out
+    assert "[lra] accuracy by root operator, val / test (rows):" in out
+    for split in ("val", "test"):
+        counts = result[f"{split}_by"]
+        tsv = Path(record["data"]["folder"]) / f"basic_{split}.tsv"
+        roots = Counter(outermost_operator(tokenize(source)) for source, _ in rows(tsv)[1:])
+        assert {name: c["rows"] for name, c in counts.items()} == dict(roots)  # every row, in its own group
+        assert sum(c["correct"] for c in counts.values()) / sum(roots.values()) == pytest.approx(result[f"{split}_acc"])
+        assert all(c["acc"] == c["correct"] / c["rows"] for c in counts.values())
+    name, c = next(iter(result["test_by"].items()))
+    assert f"{100 * result['val_by'][name]['acc']:6.2f}% ({result['val_by'][name]['rows']})" in out
+    assert f"{100 * c['acc']:6.2f}% ({c['rows']})" in out
     assert load_records(tmp_path / "results") == []  # evaluations are not training records: the tables skip them
 
 

@@ -7,9 +7,10 @@ import statistics
 
 import numpy as np
 import pytest
+import torch
 
 from lra.data import DataError
-from lra.data.listops import TOKEN_ID, ListOpsDataModule, read_tsv, tokenize
+from lra.data.listops import ROOT_OPERATORS, TOKEN_ID, ListOpsDataModule, read_tsv, root_operator, tokenize
 from lra.data.listops_generator import ListOpsSpec, generate
 
 
@@ -75,6 +76,30 @@ def test_tokenisation_of_a_handwritten_release_file(tmp_path):
     np.testing.assert_array_equal(arrays["input_ids"][1], expected)
     np.testing.assert_array_equal(arrays["label"], [9, 2])
     assert tokenize("( ( [MIN 1 ) ] )") == ["[MIN", "1", "X"]
+
+
+def outermost_operator(tokens: list[str]) -> str:
+    """The operator whose list closes last (the one left when the stack empties), or "none" for a bare digit."""
+    stack, last = [], "none"
+    for tok in tokens:
+        if tok.startswith("["):
+            stack.append(tok[1:])
+        elif tok == "X":
+            last = stack.pop()
+    return last
+
+
+def test_root_operator_of_generated_and_handwritten_rows(tmp_path):
+    """``lra-eval``'s ListOps breakdown: the group of each row is its outermost operator."""
+    path = generate(SMALL, tmp_path, progress=False)[2]
+    handwritten = tmp_path / "basic_val.tsv"
+    handwritten.write_text("Source\tTarget\n( ( [MAX 2 ) ( ( [MIN 4 ) 7 ) ] ) ] )\t4\n7\t7\n"
+                           "( ( ( [MED 1 ) ( ( [SM 5 ) 8 ) ] ) ) ] )\t3\n")
+    for tsv in (path, handwritten):
+        ids = torch.from_numpy(read_tsv(tsv, max_len=SMALL.max_length)["input_ids"].astype(np.int64))
+        groups = [ROOT_OPERATORS[g] for g in root_operator({"input_ids": ids}).tolist()]
+        assert groups == [outermost_operator(tokenize(source)) for source, _ in rows(tsv)[1:]]
+    assert groups == ["MAX", "none", "MED"]
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -312,6 +313,11 @@ class LRADataModule(L.LightningDataModule):
         """Accuracy of always predicting the most frequent class of ``split`` (the floor to beat)."""
         labels = np.asarray(self.datasets[split].arrays["label"])
         return float(np.bincount(labels).max() / len(labels))
+
+    def breakdown(self) -> tuple[str, tuple[str, ...], Callable[[dict], torch.Tensor]] | None:
+        """What ``lra.eval`` breaks accuracy down by, if this task has such groups: ``(what, group names, batch ->
+        group index [B] into the names)``. None here; ListOps gives its root operator."""
+        return None
 
     def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer

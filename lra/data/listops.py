@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lra.data import store
 from lra.data.base import RELEASE_URL, DataError, LRADataModule
@@ -28,6 +29,14 @@ from lra.data.listops_generator import ListOpsSpec, generate
 
 VOCAB = ("[MIN", "[MAX", "[MED", "[SM", "[FIRST", "[LAST", "X", *map(str, range(10)))
 TOKEN_ID = {token: i + 1 for i, token in enumerate(VOCAB)}
+ROOT_OPERATORS = (*(op[1:] for op in VOCAB[:6]), "none")  # "none": a row without an operator (a bare digit)
+
+
+def root_operator(batch: dict) -> torch.Tensor:
+    """Index into ``ROOT_OPERATORS`` of each row's root operator, ``[B]``: its first token, as brackets are removed
+    and the expression is written prefix (``( ( [MAX 2 ) ( [MIN 4 7 ] ) ) ]`` -> MAX)."""
+    first, operators = batch["input_ids"][:, 0], len(ROOT_OPERATORS) - 1
+    return torch.where((first >= 1) & (first <= operators), first - 1, operators)
 
 
 def generated_folder(data_dir: str | Path, spec: ListOpsSpec) -> Path:
@@ -148,3 +157,6 @@ class ListOpsDataModule(LRADataModule):
 
     def read_split(self, split: str) -> dict[str, np.ndarray]:
         return read_tsv(self.folder / f"basic_{split}.tsv", self.max_len)
+
+    def breakdown(self):
+        return "root operator", ROOT_OPERATORS, root_operator
