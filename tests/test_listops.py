@@ -94,12 +94,13 @@ def test_root_operator_of_generated_and_handwritten_rows(tmp_path):
     path = generate(SMALL, tmp_path, progress=False)[2]
     handwritten = tmp_path / "basic_val.tsv"
     handwritten.write_text("Source\tTarget\n( ( [MAX 2 ) ( ( [MIN 4 ) 7 ) ] ) ] )\t4\n7\t7\n"
-                           "( ( ( [MED 1 ) ( ( [SM 5 ) 8 ) ] ) ) ] )\t3\n")
+                           "( ( ( [MED 1 ) ( ( [SM 5 ) 8 ) ] ) ) ] )\t2\n")
     for tsv in (path, handwritten):
         ids = torch.from_numpy(read_tsv(tsv, max_len=SMALL.max_length)["input_ids"].astype(np.int64))
         groups = [ROOT_OPERATORS[g] for g in root_operator({"input_ids": ids}).tolist()]
         assert groups == [outermost_operator(tokenize(source)) for source, _ in rows(tsv)[1:]]
     assert groups == ["MAX", "none", "MED"]
+    assert all(evaluate_tokens(tokenize(source)) == int(label) for source, label in rows(handwritten)[1:])
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ ROOT_OPERATORS = (*(op[1:] for op in VOCAB[:6]), "none")  # "none": a row withou
 
 def root_operator(batch: dict) -> torch.Tensor:
     """Index into ``ROOT_OPERATORS`` of each row's root operator, ``[B]``: its first token, as brackets are removed
-    and the expression is written prefix (``( ( [MAX 2 ) ( [MIN 4 7 ] ) ) ]`` -> MAX)."""
+    and the expression is written prefix (``( ( ( [MAX 2 ) ( ( ( [MIN 4 ) 7 ) ] ) ) ] )`` -> MAX)."""
     first, operators = batch["input_ids"][:, 0], len(ROOT_OPERATORS) - 1
     return torch.where((first >= 1) & (first <= operators), first - 1, operators)
 
