@@ -77,9 +77,10 @@ def test_eval_tests_a_checkpoint_from_its_run_folder(trained, tmp_path, capsys):
     saved = json.loads(stored.read_text())
     assert saved["kind"] == "evaluation" and saved["checkpoint"] == record["checkpoint"]
     assert saved["by"] == "root operator" and saved["test_by"] == result["test_by"]
+    assert load_records(tmp_path / "results") == []  # evaluations are not training records: the tables skip them
 
 
-def test_eval_breaks_listops_accuracy_down_by_root_operator(trained, tmp_path, capsys):
+def test_eval_breaks_listops_accuracy_down_by_root_operator(trained, capsys):
     record, _ = trained
     cfg, source, _ = lra.eval.compose([f"ckpt_path={record['checkpoint']}", "data.eval_batch_size=5"])
     result = lra.eval.evaluate(cfg, source)  # 64 rows a split: 12 full batches and a partial one
@@ -95,7 +96,6 @@ def test_eval_breaks_listops_accuracy_down_by_root_operator(trained, tmp_path, c
     name, c = next(iter(result["test_by"].items()))
     assert f"{100 * result['val_by'][name]['acc']:6.2f}% ({result['val_by'][name]['rows']})" in out
     assert f"{100 * c['acc']:6.2f}% ({c['rows']})" in out
-    assert load_records(tmp_path / "results") == []  # evaluations are not training records: the tables skip them
 
 
 def test_eval_composes_from_the_command_line_and_refuses_other_weights(trained, capsys):
