@@ -143,7 +143,7 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
         "val_acc": float(val["val/acc"]), "val_loss": float(val["val/loss"]),
         "test_acc": float(test["test/acc"]), "test_loss": float(test["test/loss"]),
         "test_majority_rate": datamodule.majority_rate("test"),
-        "device": device_name(module.device), "world_size": trainer.world_size,
+        "device": device_name(trainer.strategy.root_device), "world_size": trainer.world_size,
         "precision": trainer_cfg["precision"],
         "data": {**datamodule.describe_source(), "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
         **({} if breakdown is None else {"by": breakdown[0], "val_by": _by(module.group_counts["val"]),

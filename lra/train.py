@@ -391,8 +391,10 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
             if ckpt_path is not None or cfg.resume:  # continuing in the experiment's folder: it holds checkpoints
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint
-        fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(module.device)
+        # taken before testing: trainer.test(ckpt_path=...) restores the callbacks' states saved in that checkpoint.
+        # The device is the strategy's: Lightning's teardown has moved the module back to the CPU by now.
+        device = trainer.strategy.root_device
+        fit_seconds, val_history, speed = history.elapsed(), list(history.history), throughput.summary(device)
         state["segments"] = (history.earlier_s, history.segments)
         best = None if fast or which == "last" else checkpoint.best_model_path or None
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
@@ -415,7 +417,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
         "val_history": val_history,
         **speed,
         "parameters": sum(p.numel() for p in module.parameters()),
-        "device": device_name(module.device),
+        "device": device_name(device),
         "world_size": trainer.world_size,
         "precision": trainer_cfg["precision"],
         "deterministic": bool(cfg.trainer.deterministic),

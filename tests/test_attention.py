@@ -103,3 +103,22 @@ def test_sdpa_passes_no_mask_without_padding_and_records_its_kernel(monkeypatch)
     reference = attention.build("softmax", dim=16, num_heads=2).eval()
     reference.load_state_dict(attn.state_dict())
     torch.testing.assert_close(out[padded], reference(x, padded)[padded], rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_reports_the_kernel_autocast_really_calls():
+    """Under autocast ``v`` reaches ``attend`` in float32 (padding is zeroed with a float32 mask) beside bfloat16
+    ``q`` and ``k``; SDPA casts all three to bfloat16 before choosing its kernel, and so must the report (asked with
+    mixed dtypes, PyTorch answers MATH)."""
+    from lra.attention.sdpa import sdpa_backend
+
+    attn = attention.build("sdpa", dim=64, num_heads=2).eval()
+    x, mask = torch.randn(1, 64, 64), torch.ones(1, 64, dtype=torch.bool)
+    seen = []
+    attend = attn.attend
+    attn.attend = lambda q, k, v, mask: seen.append((q.dtype, v.dtype)) or attend(q, k, v, mask)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, mask)
+    assert seen == [(torch.bfloat16, torch.float32)]
+    q = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16)
+    assert attn.backends_used == {sdpa_backend(q, q, q, None, 0.0)}
+    assert sdpa_backend(q, q, q.float(), None, 0.0) == "MATH"  # the mixed-dtype answer the report must not give

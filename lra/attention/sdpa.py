@@ -23,7 +23,18 @@ from lra.attention.base import QKVAttention
 
 
 def sdpa_backend(q, k, v, attn_mask, dropout_p: float) -> str:
-    """The kernel ``F.scaled_dot_product_attention`` will use for these inputs (PyTorch's dispatcher choice)."""
+    """The kernel ``F.scaled_dot_product_attention`` will use for these inputs (PyTorch's dispatcher choice).
+
+    Under autocast the call casts its inputs to the autocast dtype first (it is on autocast's lower-precision
+    list), so the choice is asked for those dtypes: under mixed precision ``v`` can arrive in float32 (padding is
+    zeroed with a float32 mask) beside half-precision ``q`` and ``k``, and asked as they are, PyTorch would answer
+    MATH for a call that really runs a fused kernel (seen on an H200: cuDNN's)."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(dtype)
     try:
         from torch.nn.attention import SDPBackend
 
