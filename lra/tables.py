@@ -143,6 +143,8 @@ def measured_cells(records: list[dict]) -> dict[tuple, dict]:
             "generated": key[3].endswith("[generated]"),
             "configured_precision": configured,
             "tested": sorted({r.get("test_checkpoint", "best") for r in counted}),
+            "corrected": [(r["seed"], [c["field"] for c in r["corrections"]], r["_path"])
+                          for r in counted if r.get("corrections")],
         }
     return cells
 
@@ -339,6 +341,12 @@ def markdown_section(t: Table, title: str) -> list[str]:
     deviations = t.deviations()
     if deviations:
         lines += ["Measured cells more than one point from their published figure:", "", *deviations, ""]
+    corrected = [f"- {model}, {task} ({run_on}), seed {seed}: {', '.join(fields)} (`{path}`)"
+                 for (_, model, run_on, task), c in sorted(t.cells.items())
+                 for seed, fields, path in c.get("corrected", [])]
+    if corrected:
+        lines += ["Records corrected after their run (each keeps what it first said, and why, under `corrections`):",
+                  "", *corrected, ""]
     return lines
 
 

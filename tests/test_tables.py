@@ -25,14 +25,15 @@ ssm-papers,s4,average,86.09,Paper S,
 
 
 def record(results: Path, task: str, acc: float, seed: int = 0, model: str = "nystromformer", quirks="upstream",
-           generated=False, device="cpu: x86_64", precision="32-true", steps=(50, 100), **config):
-    write_record(results, {
+           generated=False, device="cpu: x86_64", precision="32-true", steps=(50, 100), corrections=None, **config):
+    return write_record(results, {
         "protocol": "nystrom", "task": task, "model": model, "seed": seed, "status": "ok", "test_acc": acc / 100,
         "test_majority_rate": 0.17, "device": device, "precision": precision, "finished": 1e9 + seed,
         "data": {"source": "generated" if generated else "release"},
         "val_history": [{"step": s, "val_acc": acc / 100 * s / steps[-1]} for s in steps],
         "config": {"protocol": {"name": "nystrom", "quirks": quirks}, "trainer": {"precision": "16-mixed"},
                    "data": {"seq_len": 2048}, **config},
+        **({"corrections": corrections} if corrections else {}),
     })
 
 
@@ -123,3 +124,19 @@ def test_cells_left_to_other_hardware_say_so(results):
     text = render(results, plots=False)[0].read_text()
     row = next(line for line in text.splitlines() if line.startswith("| transformer |"))
     assert "not run [1]" in row and "1. too slow on a CPU" in text
+
+
+def test_records_corrected_after_their_run_are_listed_under_the_table(results):
+    """A record whose provenance was corrected by hand (a recording bug, found later) keeps what it first said under
+    ``corrections``; the table names it, so the reader of a cell knows to look."""
+    record(results, "listops", 37.0, generated=True)
+    fixed = record(results, "listops", 34.5, model="transformer", generated=True, device="NVIDIA H200",
+                   precision="16-mixed", corrections=[{"field": "device", "recorded": "cpu: x86_64",
+                                                        "corrected": "NVIDIA H200", "why": "a bug"}])
+    text = render(results, plots=False)[0].read_text()
+    lines = text.splitlines()
+    at = lines.index("Records corrected after their run (each keeps what it first said, and why, under "
+                     "`corrections`):")
+    assert lines[at + 2].startswith("- transformer, listops [generated] (NVIDIA H200 · fp16 mixed), seed 0: device (")
+    assert Path(fixed).name in lines[at + 2]
+    assert not any("nystromformer" in line for line in lines[at + 1:at + 4])
