@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU (about 10 minutes on one H100): does the suite work there, and what does it measure?
-#   1. the CUDA-only tests (pytest -m cuda): mixed-precision training of the four methods, SDPA reaching a fused kernel (FlashAttention or cuDNN);
+#   1. the CUDA-only tests (pytest -m cuda): mixed-precision training of the four methods, SDPA reaching a fused
+#      kernel (FlashAttention or cuDNN's);
 #   2. the 4096-token benchmark points of softmax, sdpa and the four methods (profile gpu, training, fp32 and fp16);
 #   3. a 300-step `nystrom` ListOps run of each of the four methods (LRA-generated ListOps, 10k training examples).
 # Everything writes the suite's normal records, so `make tables` and the efficiency tables include them.
