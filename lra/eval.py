@@ -16,11 +16,13 @@ The config is the one the run trained with:
 The checkpoint is loaded with ``weights_only=True`` (and must hold this model's weights: names and shapes); the
 validation and test splits are evaluated (exact counts over the whole splits, also under DDP) and their accuracy
 printed, with the test set's majority-class rate, and broken down where the task defines groups of rows
-(``datamodule.breakdown()``; ListOps: by root operator, MIN / MAX / MED / SM, whose difficulty differs widely).
+(``datamodule.breakdown()``; ListOps: by root operator, MIN / MAX / MED / SM, whose difficulty differs widely),
+each group beside its floor: always answering the training split's most common label of the group
+(``datamodule.group_prior()``; for ListOps, what a model that reads only the root operator can reach).
 Nothing is written unless ``record=true``: then one JSON record under
 ``<paths.results_dir>/evals/<protocol>/<task>/<model>/`` marked ``"kind": "evaluation"`` (with the breakdown
-under ``val_by``/``test_by``), apart from the training records under ``runs/`` that the tables read, so an
-evaluation never counts as a training run.
+under ``val_by``/``test_by`` and the floors under ``prior_by``), apart from the training records under ``runs/``
+that the tables read, so an evaluation never counts as a training run.
 Metric loggers, profilers and training-only debug settings (``fast_dev_run``, ``overfit_batches``) of the saved
 config are not used.
 """
@@ -136,6 +138,7 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[StepProgressBar()])
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False, weights_only=True)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False, weights_only=True)[0]
+    prior = datamodule.group_prior()  # the splits are loaded by now
     result = {
         "kind": "evaluation", "status": "ok", "checkpoint": str(ckpt), "checkpoint_step": step,
         "task": cfg.task.name, "model": cfg.model.name, "protocol": cfg.protocol.name, "seed": cfg.seed,
@@ -147,7 +150,9 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
         "precision": trainer_cfg["precision"],
         "data": {**datamodule.describe_source(), "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
         **({} if breakdown is None else {"by": breakdown[0], "val_by": _by(module.group_counts["val"]),
-                                          "test_by": _by(module.group_counts["test"])}),
+                                          "test_by": _by(module.group_counts["test"]),
+                                          "prior_by": {"label": prior["label"], "val": _by(prior["val"]),
+                                                       "test": _by(prior["test"])}}),
         "config_source": source, "config": config, "git": git_state(REPO), "versions": package_versions(),
         "finished": time.time(),
     }
@@ -157,12 +162,18 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
               f"{100 * result['test_acc']:.2f}% (majority-class rate of this test set: "
               f"{100 * result['test_majority_rate']:.2f}%)")
         if breakdown is not None:
-            print(f"[lra] accuracy by {breakdown[0]}, val / test (rows):")
+            prior = result["prior_by"]
+            print(f"[lra] accuracy by {breakdown[0]}, val / test (rows); beside it, the floor of always answering the "
+                  f"training split's most common label of that {breakdown[0]}:")
             for name in breakdown[1]:
                 val, test = (result[f"{split}_by"].get(name) for split in ("val", "test"))
                 if val or test:
+                    floor = " / ".join(f"{100 * prior[split][name]['acc']:6.2f}%" if name in prior[split] else "     –"
+                                       for split in ("val", "test"))
+                    answer = prior["label"].get(name, "–")
                     print(f"  {name:>8}  " + " / ".join(
-                        f"{100 * c['acc']:6.2f}% ({c['rows']})" if c else "     – (0)" for c in (val, test)))
+                        f"{100 * c['acc']:6.2f}% ({c['rows']})" if c else "     – (0)" for c in (val, test)) +
+                        f"   floor (label {answer}): {floor}")
         if record:
             folder = Path(cfg.paths.results_dir) / "evals" / cfg.protocol.name / cfg.task.name / cfg.model.name
             stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -85,7 +85,7 @@ def test_eval_breaks_listops_accuracy_down_by_root_operator(trained, capsys):
     cfg, source, _ = lra.eval.compose([f"ckpt_path={record['checkpoint']}", "data.eval_batch_size=5"])
     result = lra.eval.evaluate(cfg, source)  # 64 rows a split: 12 full batches and a partial one
     out = capsys.readouterr().out
-    assert "[lra] accuracy by root operator, val / test (rows):" in out
+    assert "[lra] accuracy by root operator, val / test (rows); beside it, the floor of always answering" in out
     for split in ("val", "test"):
         counts = result[f"{split}_by"]
         tsv = Path(record["data"]["folder"]) / f"basic_{split}.tsv"
@@ -96,6 +96,23 @@ def test_eval_breaks_listops_accuracy_down_by_root_operator(trained, capsys):
     name, c = next(iter(result["test_by"].items()))
     assert f"{100 * result['val_by'][name]['acc']:6.2f}% ({result['val_by'][name]['rows']})" in out
     assert f"{100 * c['acc']:6.2f}% ({c['rows']})" in out
+    # the floor: the training split's most common label of each root operator (ties: the smaller), from the TSVs
+    folder = Path(record["data"]["folder"])
+    labels_by_op: dict[str, Counter] = {}
+    for source, label in rows(folder / "basic_train.tsv")[1:]:
+        labels_by_op.setdefault(outermost_operator(tokenize(source)), Counter())[int(label)] += 1
+    answer = {op: min(lab for lab, n in c.items() if n == max(c.values())) for op, c in labels_by_op.items()}
+    assert result["prior_by"]["label"] == answer
+    for split in ("val", "test"):
+        pairs = [(outermost_operator(tokenize(source)), int(label)) for source, label in
+                 rows(folder / f"basic_{split}.tsv")[1:]]
+        expected = {op: sum(lab == answer.get(op) for o, lab in pairs if o == op) for op in {o for o, _ in pairs}}
+        assert {op: c["correct"] for op, c in result["prior_by"][split].items()} == expected
+        assert {op: c["rows"] for op, c in result["prior_by"][split].items()} == {
+            op: c["rows"] for op, c in result[f"{split}_by"].items()}
+    floor = result["prior_by"]
+    assert (f"floor (label {floor['label'][name]}): {100 * floor['val'][name]['acc']:6.2f}% / "
+            f"{100 * floor['test'][name]['acc']:6.2f}%") in out
 
 
 def test_eval_composes_from_the_command_line_and_refuses_other_weights(trained, capsys):

@@ -319,6 +319,33 @@ class LRADataModule(L.LightningDataModule):
         group index [B] into the names)``. None here; ListOps gives its root operator."""
         return None
 
+    def _groups_and_labels(self, split: str, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """The ``breakdown`` group index and the label of every row of ``split``, in order."""
+        data, group_of = self.datasets[split], self.breakdown()[2]
+        groups, labels = [], []
+        for start in range(0, len(data), chunk):
+            batch = data.__getitems__(range(start, min(start + chunk, len(data))))
+            groups.append(group_of(batch).numpy())
+            labels.append(batch["label"].numpy())
+        return np.concatenate(groups), np.concatenate(labels)
+
+    def group_prior(self) -> dict | None:
+        """The floor within each ``breakdown`` group: always answering the training split's most common label of the
+        row's group (ties: the smaller label). For ListOps, a model that reads only the root operator (the first token)
+        can reach it. ``{"label": {group: label}, "val" / "test": {group: (correct, rows)}}``, or None without groups.
+        A group that has no training rows gets no answer (0 correct)."""
+        if self.breakdown() is None:
+            return None
+        names = self.breakdown()[1]
+        groups, labels = self._groups_and_labels("train")
+        answer = {int(g): int(np.bincount(labels[groups == g]).argmax()) for g in np.unique(groups)}
+        prior = {"label": {names[g]: label for g, label in answer.items()}}
+        for split in ("val", "test"):
+            groups, labels = self._groups_and_labels(split)
+            prior[split] = {names[g]: (int((labels[groups == g] == answer.get(int(g), -1)).sum()),
+                                       int((groups == g).sum())) for g in np.unique(groups)}
+        return prior
+
     def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
