@@ -162,15 +162,15 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
               f"{100 * result['test_acc']:.2f}% (majority-class rate of this test set: "
               f"{100 * result['test_majority_rate']:.2f}%)")
         if breakdown is not None:
-            prior = result["prior_by"]
+            floors = result["prior_by"]
             print(f"[lra] accuracy by {breakdown[0]}, val / test (rows); beside it, the floor of always answering the "
                   f"training split's most common label of that {breakdown[0]}:")
             for name in breakdown[1]:
                 val, test = (result[f"{split}_by"].get(name) for split in ("val", "test"))
                 if val or test:
-                    floor = " / ".join(f"{100 * prior[split][name]['acc']:6.2f}%" if name in prior[split] else "     –"
-                                       for split in ("val", "test"))
-                    answer = prior["label"].get(name, "–")
+                    floor = " / ".join(f"{100 * floors[split][name]['acc']:6.2f}%" if name in floors[split]
+                                       else "     –" for split in ("val", "test"))
+                    answer = floors["label"].get(name, "–")
                     print(f"  {name:>8}  " + " / ".join(
                         f"{100 * c['acc']:6.2f}% ({c['rows']})" if c else "     – (0)" for c in (val, test)) +
                         f"   floor (label {answer}): {floor}")

@@ -334,9 +334,10 @@ class LRADataModule(L.LightningDataModule):
         row's group (ties: the smaller label). For ListOps, a model that reads only the root operator (the first token)
         can reach it. ``{"label": {group: label}, "val" / "test": {group: (correct, rows)}}``, or None without groups.
         A group that has no training rows gets no answer (0 correct)."""
-        if self.breakdown() is None:
+        breakdown = self.breakdown()
+        if breakdown is None:
             return None
-        names = self.breakdown()[1]
+        names = breakdown[1]
         groups, labels = self._groups_and_labels("train")
         answer = {int(g): int(np.bincount(labels[groups == g]).argmax()) for g in np.unique(groups)}
         prior = {"label": {names[g]: label for g, label in answer.items()}}
