@@ -22,7 +22,8 @@ each group beside its floor: always answering the training split's most common l
 Nothing is written unless ``record=true``: then one JSON record under
 ``<paths.results_dir>/evals/<protocol>/<task>/<model>/`` marked ``"kind": "evaluation"`` (with the breakdown
 under ``val_by``/``test_by`` and the floors under ``prior_by``), apart from the training records under ``runs/``
-that the tables read, so an evaluation never counts as a training run.
+that form the tables' measured cells, so an evaluation never counts as a training run; ``lra-tables`` shows the
+breakdowns beside the floors under their protocol's table.
 Metric loggers, profilers and training-only debug settings (``fast_dev_run``, ``overfit_batches``) of the saved
 config are not used.
 """

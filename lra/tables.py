@@ -14,6 +14,10 @@ Reads every record under ``results/runs/`` and the published figures in ``result
 * ``results/accuracy.csv``: the same cells, one line each, with the record files behind every measured cell.
 * ``results/accuracy.tex``: the tables for a paper (booktabs): measured ± std with n, published in their own
   columns with their source numbers.
+* in ``accuracy.md``, after each protocol's table, the checkpoint evaluations (``lra-eval`` records under
+  ``results/evals/``) that break accuracy down by group (ListOps: the root operator), one table per task and data:
+  validation / test accuracy per group of each evaluated checkpoint, beside the floor of always answering the
+  training split's most common label of the group (the records' ``prior_by``).
 * ``results/plots/``: validation accuracy over training steps per protocol × task (from the records'
   ``val_history``), and accuracy against training speed per protocol × device, each task's accuracy paired with
   the benchmark of that protocol's encoder at that task's length (``lra-bench`` records), with the majority-class
@@ -366,10 +370,74 @@ INTRO = [
 ]
 
 
-def render_markdown(tables: list[Table], reference: list[Table], sources: list[str], results_dir: Path) -> str:
+EVAL_KEYS = ("kind", "protocol", "task", "model", "seed", "val_acc", "test_acc")
+
+
+def load_evaluations(results_dir: str | Path) -> list[dict]:
+    """The ``lra-eval`` records under ``results_dir/evals`` (unreadable or foreign files skipped)."""
+    return [r for r in load_json_records(Path(results_dir) / "evals", EVAL_KEYS) if r["kind"] == "evaluation"]
+
+
+def _data_identity(record: dict) -> str:
+    """The data a record was evaluated on, independent of the machine's paths: its source description with the
+    data folder reduced to its name (generated data: a hash of the generator's settings) and no cache path."""
+    data = record.get("data") or {}
+    kept = {k: v for k, v in data.items() if k not in ("folder", "cache")}
+    return json.dumps({**kept, "folder": Path(str(data.get("folder", ""))).name}, sort_keys=True, default=str)
+
+
+def _val_test(groups: tuple[dict, dict], name: str | None = None) -> str:
+    """``56.14 / 56.02``: accuracy (%) of group ``name`` (all groups pooled when None) on validation / test."""
+    cells = []
+    for by in groups:
+        counts = [by[name]] if name is not None and name in by else list(by.values()) if name is None else []
+        rows = sum(c["rows"] for c in counts)
+        cells.append(f"{100 * sum(c['correct'] for c in counts) / rows:.2f}" if rows else "–")
+    return " / ".join(cells)
+
+
+def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> list[str]:
+    """Markdown tables of ``protocol``'s checkpoint evaluations with a group breakdown, one per (task, grouping,
+    data): a row per record (model, seed, checkpoint step, where it was evaluated, accuracy overall and per group,
+    validation / test) and a row per distinct floor (``prior_by``) of the same data."""
+    groups = defaultdict(list)
+    for r in evals:
+        if r["protocol"] == protocol and r.get("test_by"):
+            groups[(task_label(r), r["by"], _data_identity(r))].append(r)
+    lines = []
+    for (task, by, data), records in sorted(groups.items(), key=lambda kv: (_task_sort(kv[0][0]), kv[0][1:])):
+        names = list(dict.fromkeys(n for r in records for split in ("val_by", "test_by") for n in r[split]))
+        folder = json.loads(data)["folder"]
+        lines += [f"### `{protocol}` · {task}: checkpoints evaluated by {by} (`lra-eval`, data `{folder}`)", "",
+                  f"Accuracy (%), validation / test, overall and by {by}. The floor row always answers the training "
+                  f"split's most common label of the {by} (shown after →); a model at it has learned the {by} "
+                  f"and nothing more.", "",
+                  "| checkpoint | evaluated on | all | " + " | ".join(names) + " | record |",
+                  "|" + "---|" * (len(names) + 4)]
+        floors = {json.dumps(r["prior_by"], sort_keys=True): r["prior_by"] for r in records if r.get("prior_by")}
+        for floor in floors.values():
+            splits = (floor["val"], floor["test"])
+            lines.append("| floor | – | " + _val_test(splits) + " | " + " | ".join(
+                f"{_val_test(splits, n)} → {floor['label'][n]}" if n in floor["label"] else "–" for n in names)
+                + " | – |")
+        for r in sorted(records, key=lambda r: (r["model"], r["seed"], r.get("finished") or 0, r["_path"])):
+            splits = (r["val_by"], r["test_by"])
+            model = r["model"] + (" [bugs fixed]" if _quirks_fixed(r) else "")
+            path = Path(r["_path"])
+            shown = path.relative_to(results_dir) if path.is_relative_to(results_dir) else path
+            lines.append(f"| {model}, seed {r['seed']}, step {r.get('checkpoint_step', '?')} | {hardware(r)} | "
+                         f"{100 * r['val_acc']:.2f} / {100 * r['test_acc']:.2f} | "
+                         + " | ".join(_val_test(splits, n) for n in names) + f" | `{shown}` |")
+        lines.append("")
+    return lines
+
+
+def render_markdown(tables: list[Table], reference: list[Table], sources: list[str], results_dir: Path,
+                    evals: list[dict] = ()) -> str:
     lines = list(INTRO)
     for t in tables:
         lines += markdown_section(t, f"## Protocol `{t.protocol}`: {PROTOCOLS.get(t.protocol, 'published')}")
+        lines += evaluation_sections(list(evals), t.protocol, results_dir)
     for t in reference:
         lines += markdown_section(t, f"## {NOT_ATTENTION[t.protocol]}")
     if sources:
@@ -465,7 +533,8 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None, plo
     tables = [Table(p, cells, pub, sources, known, not_run) for p in protocols]
     reference = [Table(p, cells, pub, sources, known) for p in NOT_ATTENTION if any(k[0] == p for k in pub)]
     written = [
-        write_text_atomic(results_dir / "accuracy.md", render_markdown(tables, reference, sources, results_dir)),
+        write_text_atomic(results_dir / "accuracy.md", render_markdown(tables, reference, sources, results_dir,
+                                                                       load_evaluations(results_dir))),
         write_text_atomic(results_dir / "accuracy.csv", render_csv(cells, published)),
         write_text_atomic(results_dir / "accuracy.tex", render_latex(tables, reference, sources)),
     ]

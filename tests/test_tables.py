@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lra.results import write_record
+from lra.results import create_json, write_record
 from lra.tables import render
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -140,3 +140,54 @@ def test_records_corrected_after_their_run_are_listed_under_the_table(results):
     assert lines[at + 2].startswith("- transformer, listops [generated] (NVIDIA H200 · fp16 mixed), seed 0: device (")
     assert Path(fixed).name in lines[at + 2]
     assert not any("nystromformer" in line for line in lines[at + 1:at + 4])
+
+
+def evaluation(results: Path, name: str, model: str, val: dict, test: dict, folder: str, prior=None,
+               generator_seed: int = 0, kind: str = "evaluation") -> Path:
+    """An ``lra-eval`` record; ``val``/``test``: group -> (correct, rows)."""
+    def by(counts):
+        return {g: {"acc": c / n, "correct": c, "rows": n} for g, (c, n) in counts.items()}
+
+    def acc(counts):
+        return sum(c for c, _ in counts.values()) / sum(n for _, n in counts.values())
+
+    return create_json(results / "evals" / "nystrom" / "listops" / model / name, {
+        "kind": kind, "protocol": "nystrom", "task": "listops", "model": model, "seed": 0, "checkpoint_step": 300,
+        "val_acc": acc(val), "test_acc": acc(test), "device": "cpu: x86_64", "precision": "32-true",
+        "data": {"source": "generated", "folder": folder, "cache": folder + "/cache",
+                 "generator": {"seed": generator_seed}},
+        "by": "root operator", "val_by": by(val), "test_by": by(test),
+        **({"prior_by": {"label": {"MIN": 0, "MAX": 9}, "val": by(prior[0]), "test": by(prior[1])}} if prior else {}),
+        "config": {"protocol": {"name": "nystrom", "quirks": "upstream"}},
+    })
+
+
+def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
+    """``lra-eval`` records with a breakdown get a table per (task, data) under their protocol's table: each
+    checkpoint's validation / test accuracy overall and per group, pooled from the records' counts, and the floor
+    row from whichever record of the same data carries it (data compared without machine paths)."""
+    record(results, "listops", 37.0, generated=True)
+    floor = ({"MIN": (6, 10), "MAX": (7, 10)}, {"MIN": (5, 10), "MAX": (3, 10)})
+    a = evaluation(results, "a.json", "nystromformer", {"MIN": (6, 10), "MAX": (8, 10)},
+                   {"MIN": (5, 10), "MAX": (2, 10)}, "/here/data/generated/listops-abc", prior=floor)
+    evaluation(results, "b.json", "tost", {"MIN": (1, 10), "MAX": (0, 10)}, {"MIN": (1, 10), "MAX": (0, 10)},
+               "/elsewhere/listops-abc")  # same data, another machine: same table, no floor of its own
+    evaluation(results, "c.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-def", generator_seed=1)
+    evaluation(results, "d.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-abc", kind="benchmark")
+    lines = render(results, plots=False)[0].read_text().splitlines()
+    at = lines.index("### `nystrom` · listops [generated]: checkpoints evaluated by root operator (`lra-eval`, data "
+                     "`listops-abc`)")
+    heading = next(i for i, line in enumerate(lines) if line.startswith("## Protocol `nystrom`"))
+    assert heading < at and not any(line.startswith("## ") for line in lines[heading + 1:at])  # under its protocol
+    assert lines[at + 4] == "| checkpoint | evaluated on | all | MIN | MAX | record |"
+    assert lines[at + 6] == "| floor | – | 65.00 / 40.00 | 60.00 / 50.00 → 0 | 70.00 / 30.00 → 9 | – |"
+    assert lines[at + 7] == ("| nystromformer, seed 0, step 300 | CPU · fp32 | 70.00 / 35.00 | 60.00 / 50.00 | "
+                             f"80.00 / 20.00 | `{a.relative_to(results)}` |")
+    assert lines[at + 8].startswith("| tost, seed 0, step 300 | CPU · fp32 | 5.00 / 5.00 | 10.00 / 10.00 | "
+                                    "0.00 / 0.00 |")
+    assert lines[at + 9] == ""
+    other = lines.index("### `nystrom` · listops [generated]: checkpoints evaluated by root operator (`lra-eval`, "
+                        "data `listops-def`)")
+    assert lines[other + 6].startswith("| cast, seed 0, step 300 | CPU · fp32 | 25.00 / 25.00 | 25.00 / 25.00 | `")
+    assert lines[other + 7] == ""
+    assert sum("| cast," in line for line in lines) == 1  # the record of another kind is not an evaluation
