@@ -63,6 +63,12 @@ class StepProgressBar(L.Callback):
         if self.bar is not None:
             self.bar.close()
 
+    def on_exception(self, trainer, pl_module, exception):
+        """A run stopped by an error closes its bars: left open, they would be redrawn at exit and push the bars of a
+        sweep's next run down a line."""
+        self._eval_end()
+        self.on_train_end(trainer, pl_module)
+
     # ---- evaluation bars -------------------------------------------------------------------------
     def _eval_start(self, trainer, desc: str, batches, leave: bool) -> None:
         total = sum(batches) if isinstance(batches, list) else None

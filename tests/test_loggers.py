@@ -180,6 +180,20 @@ def test_only_global_rank_zero_draws_bars(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_run_stopped_by_an_error_closes_its_bars(capsys):
+    from tqdm import tqdm
+
+    from lra.callbacks import StepProgressBar
+
+    bars, trainer = StepProgressBar(), fake_trainer()
+    bars.on_train_start(trainer, None)
+    bars.on_validation_start(trainer, None)
+    train_bar, eval_bar = bars.bar, bars.eval_bar
+    assert {train_bar, eval_bar} <= set(tqdm._instances)
+    bars.on_exception(trainer, None, RuntimeError("a failing cell"))
+    assert train_bar not in tqdm._instances and eval_bar not in tqdm._instances and bars.eval_bar is None
+
+
 def test_a_resumed_run_does_not_warn_about_its_checkpoint_folder(make_cfg, tmp_path, monkeypatch):
     kill_at_step(monkeypatch, 6)
     with pytest.raises(Killed):
