@@ -1,14 +1,17 @@
 """Test a checkpoint without training: ``python -m lra.eval ckpt_path=...`` (installed: ``lra-eval``).
 
     lra-eval ckpt_path=outputs/listops/quick/proxyformer/seed0_<time>_<id>/checkpoints/best-step1500-....ckpt
+    lra-eval ckpt_path=outputs/cells/<experiment>/best-step4000-....ckpt      # a resume=true run's experiment folder
     lra-eval ckpt_path=outputs/cells/<experiment>/last.ckpt task=listops model=proxyformer protocol=nystrom
     lra-eval ckpt_path=... data.eval_batch_size=64 trainer.accelerator=cpu record=true
 
 The config is the one the run trained with:
 
 * when the checkpoint sits in a run folder (``<run>/checkpoints/<name>.ckpt`` with ``<run>/.hydra/config.yaml``, as
-  every ``lra-train`` run writes), that saved config, exactly; ``key=value`` arguments change single settings of it
-  (e.g. ``paths.data_dir=...``, ``data.eval_batch_size=64``, ``trainer.accelerator=cpu``);
+  every ``lra-train`` run writes) or in a ``resume=true`` experiment's folder (``<paths.log_dir>/cells/<experiment>/``
+  with its ``config.yaml``, the config of its latest segment; folders of runs before this file existed lack it),
+  that saved config, exactly; ``key=value`` arguments change single settings of it (e.g. ``paths.data_dir=...``,
+  ``data.eval_batch_size=64``, ``trainer.accelerator=cpu``);
 * otherwise (or when ``task=``, ``model=`` or ``protocol=`` is given) the training config composed from
   ``configs/`` with the arguments as overrides, as ``lra-train`` would compose it: give the task, model, protocol
   and every other override the run was trained with.
@@ -66,9 +69,12 @@ def _split(argv: list[str]) -> tuple[str, list[str], bool]:
 
 
 def saved_config(ckpt: Path) -> Path | None:
-    """``<run>/.hydra/config.yaml`` of the run folder that holds ``<run>/checkpoints/<ckpt>``, if there is one."""
-    path = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
-    return path if path.is_file() else None
+    """The config ``ckpt`` was trained with, if saved: ``<run>/.hydra/config.yaml`` of the run folder that holds
+    ``<run>/checkpoints/<ckpt>``, or the ``config.yaml`` beside it in a ``resume=true`` experiment's folder."""
+    from lra.train import CELL_CONFIG
+
+    folder = ckpt.resolve().parent
+    return next((p for p in (folder.parent / ".hydra" / "config.yaml", folder / CELL_CONFIG) if p.is_file()), None)
 
 
 def compose(argv: list[str]) -> tuple[DictConfig, str, bool]:
@@ -98,7 +104,8 @@ def compose(argv: list[str]) -> tuple[DictConfig, str, bool]:
         from omegaconf.errors import OmegaConfBaseException
 
         if not any(o.split("=", 1)[0] in GROUPS for o in overrides):
-            print(f"[lra] {path} is not in a run folder with .hydra/config.yaml: composing the default config "
+            print(f"[lra] {path} is neither in a run folder with .hydra/config.yaml nor in an experiment folder with "
+                  f"config.yaml: composing the default config "
                   f"(task, model, protocol as configs/train.yaml); give task=, model=, protocol= and the run's "
                   f"other overrides if it was trained otherwise.", file=sys.stderr)
         GlobalHydra.instance().clear()

@@ -94,8 +94,12 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+CELL_CONFIG = "config.yaml"  # in an experiment's folder: the config of its latest segment, as composed
+
+
 def _cell_dir(cfg: DictConfig, cell: str) -> Path:
-    """Where a ``resume=true`` run keeps its checkpoints: one folder per experiment, found again by a re-run."""
+    """Where a ``resume=true`` run keeps its checkpoints (and ``CELL_CONFIG``, the config its latest segment was
+    composed with, for ``lra-eval``): one folder per experiment, found again by a re-run."""
     name = f"{cfg.task.name}_{cfg.protocol.name}_{cfg.model.name}_seed{cfg.seed}_{cell}"
     return Path(cfg.paths.log_dir) / "cells" / name
 
@@ -172,6 +176,7 @@ def run(cfg: DictConfig) -> dict:
     rank_zero = rank_zero_only.rank == 0
     try:
         config = resolved(cfg)
+        composed = OmegaConf.to_yaml(cfg)  # as composed (before the hardware fallbacks): what lra-eval re-uses
         resolve_hardware(cfg)
         check_values(cfg)
         check_added_keys(_overrides())
@@ -199,6 +204,8 @@ def run(cfg: DictConfig) -> dict:
                                              "val_acc": done.get("val_acc"), "test_acc": done.get("test_acc")})
                 return done
         ckpt_dir, ckpt_path = _checkpoints(cfg, cell, out_dir)
+        if cfg.resume and cfg.ckpt_path is None and not fast and rank_zero:  # the experiment's folder keeps its config
+            write_text_atomic(ckpt_dir / CELL_CONFIG, composed)
         git = git_state(REPO)  # the code that runs: taken now, not when the run ends
 
         def provenance() -> dict:  # what every record, finished or failed, says about the run that made it

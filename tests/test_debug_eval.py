@@ -127,3 +127,15 @@ def test_eval_composes_from_the_command_line_and_refuses_other_weights(trained, 
     assert "is used as saved" in capsys.readouterr().err
     assert lra.eval.main(["task=listops"]) == 2
     assert "ckpt_path= is required" in capsys.readouterr().err
+
+
+def test_eval_finds_the_config_of_a_resumed_experiments_folder(make_cfg, tmp_path):
+    """A ``resume=true`` run keeps its checkpoints in ``<log_dir>/cells/<experiment>/``, which is no Hydra run folder:
+    the config it was composed with is kept there, so ``lra-eval`` of its checkpoints needs no overrides."""
+    record = run(make_cfg(*TINY, "model=nystromformer", "trainer.precision=16-mixed", "resume=true"))
+    ckpt = Path(record["checkpoint"])
+    assert ckpt.parent.parent.name == "cells"
+    cfg, source, _ = lra.eval.compose([f"ckpt_path={ckpt}"])
+    assert source == str(ckpt.parent / "config.yaml")
+    assert cfg.model.name == "nystromformer" and cfg.trainer.precision == "16-mixed"  # as composed, before fallbacks
+    assert lra.eval.evaluate(cfg, source)["test_acc"] == pytest.approx(record["test_acc"])
