@@ -390,7 +390,7 @@ def _val_test(groups: tuple[dict, dict], name: str | None = None) -> str:
     """``56.14 / 56.02``: accuracy (%) of group ``name`` (all groups pooled when None) on validation / test."""
     cells = []
     for by in groups:
-        counts = [by[name]] if name is not None and name in by else list(by.values()) if name is None else []
+        counts = list(by.values()) if name is None else [by[name]] if name in by else []
         rows = sum(c["rows"] for c in counts)
         cells.append(f"{100 * sum(c['correct'] for c in counts) / rows:.2f}" if rows else "–")
     return " / ".join(cells)
