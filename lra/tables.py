@@ -398,12 +398,14 @@ def _val_test(groups: tuple[dict, dict], name: str | None = None) -> str:
 
 def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> list[str]:
     """Markdown tables of ``protocol``'s checkpoint evaluations with a group breakdown, one per (task, grouping,
-    data): a row per record (model, seed, checkpoint step, where it was evaluated, accuracy overall and per group,
+    data): a row per record (model labelled by ``variant_labels``, seed, checkpoint step, where it was evaluated,
+    accuracy overall and per group,
     validation / test) and a row per distinct floor (``prior_by``) of the same data."""
     groups = defaultdict(list)
     for r in evals:
         if r["protocol"] == protocol and r.get("test_by"):
             groups[(task_label(r), r["by"], _data_identity(r))].append(r)
+    labels = variant_labels([r for rs in groups.values() for r in rs])  # as the rows of the tables above
     lines = []
     for (task, by, data), records in sorted(groups.items(), key=lambda kv: (_task_sort(kv[0][0]), kv[0][1:])):
         names = list(dict.fromkeys(n for r in records for split in ("val_by", "test_by") for n in r[split]))
@@ -422,7 +424,7 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> 
                 + " | – |")
         for r in sorted(records, key=lambda r: (r["model"], r["seed"], r.get("finished") or 0, r["_path"])):
             splits = (r["val_by"], r["test_by"])
-            model = r["model"] + (" [bugs fixed]" if _quirks_fixed(r) else "")
+            model = labels[r["_path"]]
             path = Path(r["_path"])
             shown = path.relative_to(results_dir) if path.is_relative_to(results_dir) else path
             lines.append(f"| {model}, seed {r['seed']}, step {r.get('checkpoint_step', '?')} | {hardware(r)} | "
