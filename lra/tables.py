@@ -399,8 +399,7 @@ def _val_test(groups: tuple[dict, dict], name: str | None = None) -> str:
 def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> list[str]:
     """Markdown tables of ``protocol``'s checkpoint evaluations with a group breakdown, one per (task, grouping,
     data): a row per record (model labelled by ``variant_labels``, seed, checkpoint step, where it was evaluated,
-    accuracy overall and per group,
-    validation / test) and a row per distinct floor (``prior_by``) of the same data."""
+    accuracy overall and per group, validation / test) and a row per distinct floor (``prior_by``) of the same data."""
     groups = defaultdict(list)
     for r in evals:
         if r["protocol"] == protocol and r.get("test_by"):
