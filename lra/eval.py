@@ -21,7 +21,9 @@ validation and test splits are evaluated (exact counts over the whole splits, al
 printed, with the test set's majority-class rate, and broken down where the task defines groups of rows
 (``datamodule.breakdown()``; ListOps: by root operator, MIN / MAX / MED / SM, whose difficulty differs widely),
 each group beside its floor: always answering the training split's most common label of the group
-(``datamodule.group_prior()``; for ListOps, what a model that reads only the root operator can reach).
+(``datamodule.group_prior()``; for ListOps, what a model that reads only the root operator can reach). The
+overall floor is also taken on the training split, and the validation and test splits' floors are printed as
+binomial standard errors from it (``lra.results.floor_spread``): how typical a split these are.
 Nothing is written unless ``record=true``: then one JSON record under
 ``<paths.results_dir>/evals/<protocol>/<task>/<model>/`` marked ``"kind": "evaluation"`` (with the breakdown
 under ``val_by``/``test_by`` and the floors under ``prior_by``), apart from the training records under ``runs/``
@@ -46,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lra.callbacks import StepProgressBar
 from lra.data import DataError
 from lra.preflight import CONFIGS, ConfigError, check_checkpoint
-from lra.results import create_json, device_name, git_state, package_versions
+from lra.results import create_json, device_name, floor_spread, git_state, package_versions
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = ("task", "model", "protocol")  # naming one of these composes the config from configs/
@@ -159,8 +161,8 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
         "data": {**datamodule.describe_source(), "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
         **({} if breakdown is None else {"by": breakdown[0], "val_by": _by(module.group_counts["val"]),
                                           "test_by": _by(module.group_counts["test"]),
-                                          "prior_by": {"label": prior["label"], "val": _by(prior["val"]),
-                                                       "test": _by(prior["test"])}}),
+                                          "prior_by": {"label": prior["label"], "train": _by(prior["train"]),
+                                                       "val": _by(prior["val"]), "test": _by(prior["test"])}}),
         "config_source": source, "config": config, "git": git_state(REPO), "versions": package_versions(),
         "finished": time.time(),
     }
@@ -182,6 +184,7 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
                     print(f"  {name:>8}  " + " / ".join(
                         f"{100 * c['acc']:6.2f}% ({c['rows']})" if c else "     – (0)" for c in (val, test)) +
                         f"   floor (label {answer}): {floor}")
+            print(f"[lra] {floor_spread(floors)}")
         if record:
             folder = Path(cfg.paths.results_dir) / "evals" / cfg.protocol.name / cfg.task.name / cfg.model.name
             stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -208,3 +208,26 @@ RUN_KEYS = ("protocol", "task", "model", "seed")
 def load_records(results_dir: str | Path) -> list[dict]:
     """The run records under ``results_dir/runs`` (unreadable or foreign files skipped, see ``load_json_records``)."""
     return load_json_records(Path(results_dir) / "runs", RUN_KEYS)
+
+
+def floor_spread(prior_by: dict) -> str | None:
+    """How far an evaluation record's validation and test floors (``prior_by``, see ``group_prior``) sit from the
+    floor on the training split, in binomial standard errors of their size: ``sqrt(p (1 - p) / n)`` with ``p`` the
+    training split's floor and ``n`` the split's rows. None for records without the training split's floor."""
+    if "train" not in prior_by:
+        return None
+
+    def pooled(split: str) -> tuple[int, int]:
+        counts = prior_by[split].values()
+        return sum(c["correct"] for c in counts), sum(c["rows"] for c in counts)
+
+    correct, rows = pooled("train")
+    p = correct / rows
+    parts = []
+    for split, name in (("val", "validation"), ("test", "test")):
+        c, n = pooled(split)
+        se = (p * (1 - p) / n) ** 0.5
+        parts.append(f"{name} {100 * c / n:.2f} is {(c / n - p) / se:+.1f} standard errors ({100 * se:.2f} at {n} "
+                     f"rows) from it")
+    return (f"the floor on the training split ({rows} rows) is {100 * p:.2f}; drawn the same way, a split's floor "
+            f"differs from it by sampling error alone: {', '.join(parts)}")

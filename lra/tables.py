@@ -39,6 +39,7 @@ from lra.results import (
     TASK_ORDER,
     device_type,
     experiment,
+    floor_spread,
     load_json_records,
     load_records,
     write_text_atomic,
@@ -415,7 +416,11 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> 
                   f"and nothing more.", "",
                   "| checkpoint | evaluated on | all | " + " | ".join(names) + " | record |",
                   "|" + "---|" * (len(names) + 4)]
-        floors = {json.dumps(r["prior_by"], sort_keys=True): r["prior_by"] for r in records if r.get("prior_by")}
+        floors = {}  # one row per distinct floor; a record that also has the training split's floor supplies it
+        for prior in (r["prior_by"] for r in records if r.get("prior_by")):
+            key = json.dumps({split: prior[split] for split in ("label", "val", "test")}, sort_keys=True)
+            if "train" in prior or key not in floors:
+                floors[key] = prior
         for floor in floors.values():
             splits = (floor["val"], floor["test"])
             lines.append("| floor | – | " + _val_test(splits) + " | " + " | ".join(
@@ -430,6 +435,8 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> 
                          f"{100 * r['val_acc']:.2f} / {100 * r['test_acc']:.2f} | "
                          + " | ".join(_val_test(splits, n) for n in names) + f" | `{shown}` |")
         lines.append("")
+        for spread in filter(None, map(floor_spread, floors.values())):
+            lines += [f"{spread[0].upper()}{spread[1:]}.", ""]
     return lines
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -103,16 +104,24 @@ def test_eval_breaks_listops_accuracy_down_by_root_operator(trained, capsys):
         labels_by_op.setdefault(outermost_operator(tokenize(source)), Counter())[int(label)] += 1
     answer = {op: min(lab for lab, n in c.items() if n == max(c.values())) for op, c in labels_by_op.items()}
     assert result["prior_by"]["label"] == answer
-    for split in ("val", "test"):
+    overall = {}
+    for split in ("train", "val", "test"):
         pairs = [(outermost_operator(tokenize(source)), int(label)) for source, label in
                  rows(folder / f"basic_{split}.tsv")[1:]]
         expected = {op: sum(lab == answer.get(op) for o, lab in pairs if o == op) for op in {o for o, _ in pairs}}
         assert {op: c["correct"] for op, c in result["prior_by"][split].items()} == expected
-        assert {op: c["rows"] for op, c in result["prior_by"][split].items()} == {
-            op: c["rows"] for op, c in result[f"{split}_by"].items()}
+        assert {op: c["rows"] for op, c in result["prior_by"][split].items()} == dict(Counter(o for o, _ in pairs))
+        overall[split] = (sum(expected.values()), len(pairs))
     floor = result["prior_by"]
     assert (f"floor (label {floor['label'][name]}): {100 * floor['val'][name]['acc']:6.2f}% / "
             f"{100 * floor['test'][name]['acc']:6.2f}%") in out
+    # and how far each split's overall floor sits from the training split's, in binomial standard errors
+    p = overall["train"][0] / overall["train"][1]
+    z = {split: (c / n - p) / math.sqrt(p * (1 - p) / n) for split, (c, n) in overall.items()}
+    assert (f"[lra] the floor on the training split ({overall['train'][1]} rows) is {100 * p:.2f}; drawn the same "
+            f"way, a split's floor differs from it by sampling error alone: validation "
+            f"{100 * overall['val'][0] / overall['val'][1]:.2f} is {z['val']:+.1f} standard errors") in out
+    assert f"test {100 * overall['test'][0] / overall['test'][1]:.2f} is {z['test']:+.1f} standard errors" in out
 
 
 def test_eval_composes_from_the_command_line_and_refuses_other_weights(trained, capsys):

@@ -157,7 +157,8 @@ def evaluation(results: Path, name: str, model: str, val: dict, test: dict, fold
         "data": {"source": "generated", "folder": folder, "cache": folder + "/cache",
                  "generator": {"seed": generator_seed}},
         "by": "root operator", "val_by": by(val), "test_by": by(test),
-        **({"prior_by": {"label": {"MIN": 0, "MAX": 9}, "val": by(prior[0]), "test": by(prior[1])}} if prior else {}),
+        **({"prior_by": {"label": {"MIN": 0, "MAX": 9}, "val": by(prior[0]), "test": by(prior[1]),
+                         **({"train": by(prior[2])} if len(prior) > 2 else {})}} if prior else {}),
         "config": {"protocol": {"name": "nystrom", "quirks": "upstream"}},
     })
 
@@ -171,7 +172,8 @@ def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
     a = evaluation(results, "a.json", "nystromformer", {"MIN": (6, 10), "MAX": (8, 10)},
                    {"MIN": (5, 10), "MAX": (2, 10)}, "/here/data/generated/listops-abc", prior=floor)
     evaluation(results, "b.json", "tost", {"MIN": (1, 10), "MAX": (0, 10)}, {"MIN": (1, 10), "MAX": (0, 10)},
-               "/elsewhere/listops-abc")  # same data, another machine: same table, no floor of its own
+               "/elsewhere/listops-abc", prior=(*floor, {"MIN": (90, 200), "MAX": (54, 200)}))
+    # same data, another machine: same table; its floor is the first record's, with the training split's too
     evaluation(results, "c.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-def", generator_seed=1)
     evaluation(results, "d.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-abc", kind="benchmark")
     lines = render(results, plots=False)[0].read_text().splitlines()
@@ -186,6 +188,12 @@ def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
     assert lines[at + 8].startswith("| tost, seed 0, step 300 | CPU · fp32 | 5.00 / 5.00 | 10.00 / 10.00 | "
                                     "0.00 / 0.00 |")
     assert lines[at + 9] == ""
+    # the training split's floor is 144 / 400 = 0.36; one standard error at 20 rows: sqrt(0.36 * 0.64 / 20) = 0.1073
+    assert lines[at + 10] == ("The floor on the training split (400 rows) is 36.00; drawn the same way, a split's "
+                              "floor differs from it by sampling error alone: validation 65.00 is +2.7 standard "
+                              "errors (10.73 at 20 rows) from it, test 40.00 is +0.4 standard errors (10.73 at 20 "
+                              "rows) from it.")
+    assert lines[at + 11] == "" and sum(line.startswith("| floor |") for line in lines) == 1
     other = lines.index("### `nystrom` · listops [generated]: checkpoints evaluated by root operator (`lra-eval`, "
                         "data `listops-def`)")
     assert lines[other + 6].startswith("| cast, seed 0, step 300 | CPU · fp32 | 25.00 / 25.00 | 25.00 / 25.00 | `")

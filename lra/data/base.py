@@ -332,17 +332,19 @@ class LRADataModule(L.LightningDataModule):
     def group_prior(self) -> dict | None:
         """The floor within each ``breakdown`` group: always answering the training split's most common label of the
         row's group (ties: the smaller label). For ListOps, a model that reads only the root operator (the first token)
-        can reach it. ``{"label": {group: label}, "val" / "test": {group: (correct, rows)}}``, or None without groups.
-        A group that has no training rows gets no answer (0 correct)."""
+        can reach it. ``{"label": {group: label}, "train" / "val" / "test": {group: (correct, rows)}}``, or None
+        without groups. A group that has no training rows gets no answer (0 correct). On ``train`` the floor is
+        in-sample (its answers are chosen there); over a large training split it is the level the floor has, up to
+        sampling error, on any split drawn the same way."""
         breakdown = self.breakdown()
         if breakdown is None:
             return None
         names = breakdown[1]
-        groups, labels = self._groups_and_labels("train")
+        split_rows = {split: self._groups_and_labels(split) for split in ("train", "val", "test")}
+        groups, labels = split_rows["train"]
         answer = {int(g): int(np.bincount(labels[groups == g]).argmax()) for g in np.unique(groups)}
         prior = {"label": {names[g]: label for g, label in answer.items()}}
-        for split in ("val", "test"):
-            groups, labels = self._groups_and_labels(split)
+        for split, (groups, labels) in split_rows.items():
             prior[split] = {names[g]: (int((labels[groups == g] == answer.get(int(g), -1)).sum()),
                                        int((groups == g).sum())) for g in np.unique(groups)}
         return prior
