@@ -397,10 +397,13 @@ def _val_test(groups: tuple[dict, dict], name: str | None = None) -> str:
     return " / ".join(cells)
 
 
-def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> list[str]:
+def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path, runs: list[dict] = ()) -> list[str]:
     """Markdown tables of ``protocol``'s checkpoint evaluations with a group breakdown, one per (task, grouping,
     data): a row per record (model labelled by ``variant_labels``, seed, checkpoint step, where it was evaluated,
-    accuracy overall and per group, validation / test) and a row per distinct floor (``prior_by``) of the same data."""
+    accuracy overall and per group, validation / test) and a row per distinct floor (``prior_by``) of the same data.
+    A checkpoint that the training records ``runs`` show was trained on other data (matched by its experiment
+    folder) names that data."""
+    trained_on = {Path(r["checkpoint"]).parent.name: _data_identity(r) for r in runs if r.get("checkpoint")}
     groups = defaultdict(list)
     for r in evals:
         if r["protocol"] == protocol and r.get("test_by"):
@@ -409,8 +412,9 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> 
     lines = []
     for (task, by, data), records in sorted(groups.items(), key=lambda kv: (_task_sort(kv[0][0]), kv[0][1:])):
         names = list(dict.fromkeys(n for r in records for split in ("val_by", "test_by") for n in r[split]))
-        folder = json.loads(data)["folder"]
-        lines += [f"### `{protocol}` · {task}: checkpoints evaluated by {by} (`lra-eval`, data `{folder}`)", "",
+        folder, generator = json.loads(data)["folder"], json.loads(data).get("generator")
+        seed = f", generator seed {generator['seed']}" if generator and "seed" in generator else ""
+        lines += [f"### `{protocol}` · {task}: checkpoints evaluated by {by} (`lra-eval`, data `{folder}`{seed})", "",
                   f"Accuracy (%), validation / test, overall and by {by}. The floor row always answers the training "
                   f"split's most common label of the {by} (shown after →); a model at it has learned the {by} "
                   f"and nothing more.", "",
@@ -429,6 +433,9 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> 
         for r in sorted(records, key=lambda r: (r["model"], r["seed"], r.get("finished") or 0, r["_path"])):
             splits = (r["val_by"], r["test_by"])
             model = labels[r["_path"]]
+            trained = trained_on.get(Path(r["checkpoint"]).parent.name, data)
+            if trained != data:
+                model += f" (trained on `{json.loads(trained)['folder']}`)"
             path = Path(r["_path"])
             shown = path.relative_to(results_dir) if path.is_relative_to(results_dir) else path
             lines.append(f"| {model}, seed {r['seed']}, step {r.get('checkpoint_step', '?')} | {hardware(r)} | "
@@ -441,11 +448,11 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path) -> 
 
 
 def render_markdown(tables: list[Table], reference: list[Table], sources: list[str], results_dir: Path,
-                    evals: list[dict] = ()) -> str:
+                    evals: list[dict] = (), runs: list[dict] = ()) -> str:
     lines = list(INTRO)
     for t in tables:
         lines += markdown_section(t, f"## Protocol `{t.protocol}`: {PROTOCOLS.get(t.protocol, 'published')}")
-        lines += evaluation_sections(list(evals), t.protocol, results_dir)
+        lines += evaluation_sections(list(evals), t.protocol, results_dir, runs)
     for t in reference:
         lines += markdown_section(t, f"## {NOT_ATTENTION[t.protocol]}")
     if sources:
@@ -542,7 +549,7 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None, plo
     reference = [Table(p, cells, pub, sources, known) for p in NOT_ATTENTION if any(k[0] == p for k in pub)]
     written = [
         write_text_atomic(results_dir / "accuracy.md", render_markdown(tables, reference, sources, results_dir,
-                                                                       load_evaluations(results_dir))),
+                                                                       load_evaluations(results_dir), records)),
         write_text_atomic(results_dir / "accuracy.csv", render_csv(cells, published)),
         write_text_atomic(results_dir / "accuracy.tex", render_latex(tables, reference, sources)),
     ]

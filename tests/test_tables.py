@@ -25,11 +25,13 @@ ssm-papers,s4,average,86.09,Paper S,
 
 
 def record(results: Path, task: str, acc: float, seed: int = 0, model: str = "nystromformer", quirks="upstream",
-           generated=False, device="cpu: x86_64", precision="32-true", steps=(50, 100), corrections=None, **config):
+           generated=False, device="cpu: x86_64", precision="32-true", steps=(50, 100), corrections=None, data=None,
+           checkpoint=None, **config):
     return write_record(results, {
         "protocol": "nystrom", "task": task, "model": model, "seed": seed, "status": "ok", "test_acc": acc / 100,
         "test_majority_rate": 0.17, "device": device, "precision": precision, "finished": 1e9 + seed,
-        "data": {"source": "generated" if generated else "release"},
+        "data": data or {"source": "generated" if generated else "release"},
+        **({"checkpoint": checkpoint} if checkpoint else {}),
         "val_history": [{"step": s, "val_acc": acc / 100 * s / steps[-1]} for s in steps],
         "config": {"protocol": {"name": "nystrom", "quirks": quirks}, "trainer": {"precision": "16-mixed"},
                    "data": {"seq_len": 2048}, **config},
@@ -143,7 +145,7 @@ def test_records_corrected_after_their_run_are_listed_under_the_table(results):
 
 
 def evaluation(results: Path, name: str, model: str, val: dict, test: dict, folder: str, prior=None,
-               generator_seed: int = 0, kind: str = "evaluation") -> Path:
+               generator_seed: int = 0, kind: str = "evaluation", checkpoint: str = "/cells/x/best.ckpt") -> Path:
     """An ``lra-eval`` record; ``val``/``test``: group -> (correct, rows)."""
     def by(counts):
         return {g: {"acc": c / n, "correct": c, "rows": n} for g, (c, n) in counts.items()}
@@ -153,6 +155,7 @@ def evaluation(results: Path, name: str, model: str, val: dict, test: dict, fold
 
     return create_json(results / "evals" / "nystrom" / "listops" / model / name, {
         "kind": kind, "protocol": "nystrom", "task": "listops", "model": model, "seed": 0, "checkpoint_step": 300,
+        "checkpoint": checkpoint,
         "val_acc": acc(val), "test_acc": acc(test), "device": "cpu: x86_64", "precision": "32-true",
         "data": {"source": "generated", "folder": folder, "cache": folder + "/cache",
                  "generator": {"seed": generator_seed}},
@@ -166,19 +169,23 @@ def evaluation(results: Path, name: str, model: str, val: dict, test: dict, fold
 def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
     """``lra-eval`` records with a breakdown get a table per (task, data) under their protocol's table: each
     checkpoint's validation / test accuracy overall and per group, pooled from the records' counts, and the floor
-    row from whichever record of the same data carries it (data compared without machine paths)."""
+    row from whichever record of the same data carries it (data compared without machine paths). A checkpoint
+    evaluated on other data than it was trained on (per its training record) names its training data."""
     record(results, "listops", 37.0, generated=True)
+    record(results, "listops", 20.0, model="cast", checkpoint="/there/cells/listops_cast_seed0_ab12/best.ckpt",
+           data={"source": "generated", "folder": "/there/listops-abc", "generator": {"seed": 0}})
     floor = ({"MIN": (6, 10), "MAX": (7, 10)}, {"MIN": (5, 10), "MAX": (3, 10)})
     a = evaluation(results, "a.json", "nystromformer", {"MIN": (6, 10), "MAX": (8, 10)},
                    {"MIN": (5, 10), "MAX": (2, 10)}, "/here/data/generated/listops-abc", prior=floor)
     evaluation(results, "b.json", "tost", {"MIN": (1, 10), "MAX": (0, 10)}, {"MIN": (1, 10), "MAX": (0, 10)},
                "/elsewhere/listops-abc", prior=(*floor, {"MIN": (90, 200), "MAX": (54, 200)}))
     # same data, another machine: same table; its floor is the first record's, with the training split's too
-    evaluation(results, "c.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-def", generator_seed=1)
+    evaluation(results, "c.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-def", generator_seed=1,
+               checkpoint="/here/cells/listops_cast_seed0_ab12/best.ckpt")  # trained on listops-abc
     evaluation(results, "d.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-abc", kind="benchmark")
     lines = render(results, plots=False)[0].read_text().splitlines()
     at = lines.index("### `nystrom` · listops [generated]: checkpoints evaluated by root operator (`lra-eval`, data "
-                     "`listops-abc`)")
+                     "`listops-abc`, generator seed 0)")
     heading = next(i for i, line in enumerate(lines) if line.startswith("## Protocol `nystrom`"))
     assert heading < at and not any(line.startswith("## ") for line in lines[heading + 1:at])  # under its protocol
     assert lines[at + 4] == "| checkpoint | evaluated on | all | MIN | MAX | record |"
@@ -195,7 +202,8 @@ def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
                               "rows) from it.")
     assert lines[at + 11] == "" and sum(line.startswith("| floor |") for line in lines) == 1
     other = lines.index("### `nystrom` · listops [generated]: checkpoints evaluated by root operator (`lra-eval`, "
-                        "data `listops-def`)")
-    assert lines[other + 6].startswith("| cast, seed 0, step 300 | CPU · fp32 | 25.00 / 25.00 | 25.00 / 25.00 | `")
+                        "data `listops-def`, generator seed 1)")
+    assert lines[other + 6].startswith("| cast (trained on `listops-abc`), seed 0, step 300 | CPU · fp32 | 25.00 / "
+                                       "25.00 | 25.00 / 25.00 | `")
     assert lines[other + 7] == ""
-    assert sum("| cast," in line for line in lines) == 1  # the record of another kind is not an evaluation
+    assert sum(line.startswith("| cast") and "step 300" in line for line in lines) == 1  # d.json: no evaluation
