@@ -408,9 +408,9 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path, run
     for r in evals:
         if r["protocol"] == protocol and r.get("test_by"):
             groups[(task_label(r), r["by"], _data_identity(r))].append(r)
-    labels = variant_labels([r for rs in groups.values() for r in rs])  # as the rows of the tables above
     lines = []
     for (task, by, data), records in sorted(groups.items(), key=lambda kv: (_task_sort(kv[0][0]), kv[0][1:])):
+        labels = variant_labels(records)  # within one data: the data's own settings are in the heading
         names = list(dict.fromkeys(n for r in records for split in ("val_by", "test_by") for n in r[split]))
         folder, generator = json.loads(data)["folder"], json.loads(data).get("generator")
         seed = f", generator seed {generator['seed']}" if generator and "seed" in generator else ""

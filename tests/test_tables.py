@@ -162,7 +162,8 @@ def evaluation(results: Path, name: str, model: str, val: dict, test: dict, fold
         "by": "root operator", "val_by": by(val), "test_by": by(test),
         **({"prior_by": {"label": {"MIN": 0, "MAX": 9}, "val": by(prior[0]), "test": by(prior[1]),
                          **({"train": by(prior[2])} if len(prior) > 2 else {})}} if prior else {}),
-        "config": {"protocol": {"name": "nystrom", "quirks": "upstream"}},
+        "config": {"protocol": {"name": "nystrom", "quirks": "upstream"},
+                   "task": {"generator": {"seed": generator_seed}}},
     })
 
 
@@ -182,6 +183,9 @@ def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
     # same data, another machine: same table; its floor is the first record's, with the training split's too
     evaluation(results, "c.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-def", generator_seed=1,
                checkpoint="/here/cells/listops_cast_seed0_ab12/best.ckpt")  # trained on listops-abc
+    # the same model on other data: each table labels its rows within its data (the seed is in the heading)
+    evaluation(results, "e.json", "nystromformer", {"MIN": (2, 4)}, {"MIN": (3, 4)}, "/here/listops-def",
+               generator_seed=1)
     evaluation(results, "d.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-abc", kind="benchmark")
     lines = render(results, plots=False)[0].read_text().splitlines()
     at = lines.index("### `nystrom` · listops [generated]: checkpoints evaluated by root operator (`lra-eval`, data "
@@ -205,5 +209,6 @@ def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
                         "data `listops-def`, generator seed 1)")
     assert lines[other + 6].startswith("| cast (trained on `listops-abc`), seed 0, step 300 | CPU · fp32 | 25.00 / "
                                        "25.00 | 25.00 / 25.00 | `")
-    assert lines[other + 7] == ""
+    assert lines[other + 7].startswith("| nystromformer, seed 0, step 300 | CPU · fp32 | 50.00 / 75.00 |")
+    assert lines[other + 8] == ""
     assert sum(line.startswith("| cast") and "step 300" in line for line in lines) == 1  # d.json: no evaluation
