@@ -228,6 +228,6 @@ def floor_spread(prior_by: dict) -> str | None:
         c, n = pooled(split)
         se = (p * (1 - p) / n) ** 0.5
         parts.append(f"{name} {100 * c / n:.2f} is {(c / n - p) / se:+.1f} standard errors ({100 * se:.2f} at {n} "
-                     f"rows) from it")
+                     f"rows) from it" if se else f"{name} {100 * c / n:.2f} (no spread about a floor of 0 or 100)")
     return (f"the floor on the training split ({rows} rows) is {100 * p:.2f}; drawn the same way, a split's floor "
             f"differs from it by sampling error alone: {', '.join(parts)}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lra.results import create_json, write_record
+from lra.results import create_json, floor_spread, write_record
 from lra.tables import render
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -212,3 +212,12 @@ def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
     assert lines[other + 7].startswith("| nystromformer, seed 0, step 300 | CPU · fp32 | 50.00 / 75.00 |")
     assert lines[other + 8] == ""
     assert sum(line.startswith("| cast") and "step 300" in line for line in lines) == 1  # d.json: no evaluation
+
+
+def test_floor_spread_of_a_training_floor_without_variance_is_stated_not_divided_by_zero():
+    prior = {split: {"MIN": {"correct": c, "rows": 10}} for split, c in (("train", 10), ("val", 9), ("test", 10))}
+    assert floor_spread(prior) == (
+        "the floor on the training split (10 rows) is 100.00; drawn the same way, a split's floor differs from it by "
+        "sampling error alone: validation 90.00 (no spread about a floor of 0 or 100), test 100.00 (no spread about a "
+        "floor of 0 or 100)")
+    assert floor_spread({k: v for k, v in prior.items() if k != "train"}) is None
