@@ -397,13 +397,21 @@ def _val_test(groups: tuple[dict, dict], name: str | None = None) -> str:
     return " / ".join(cells)
 
 
+def _checkpoint_key(path: str) -> tuple[str, ...]:
+    """A checkpoint's identity without the machine's paths: its file and experiment folder (``cells/<experiment>/``)
+    or, for the ``checkpoints/`` folder of a run, the run's folder and the folder above it (a multirun's run
+    folders share their names across multiruns, their parent is unique)."""
+    parts = Path(path).parts
+    return parts[-4:] if len(parts) > 1 and parts[-2] == "checkpoints" else parts[-2:]
+
+
 def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path, runs: list[dict] = ()) -> list[str]:
     """Markdown tables of ``protocol``'s checkpoint evaluations with a group breakdown, one per (task, grouping,
     data): a row per record (model labelled by ``variant_labels``, seed, checkpoint step, where it was evaluated,
     accuracy overall and per group, validation / test) and a row per distinct floor (``prior_by``) of the same data.
-    A checkpoint that the training records ``runs`` show was trained on other data (matched by its experiment
-    folder) names that data."""
-    trained_on = {Path(r["checkpoint"]).parent.name: _data_identity(r) for r in runs if r.get("checkpoint")}
+    A checkpoint that the training records ``runs`` show was trained on other data (matched by ``_checkpoint_key``)
+    names that data."""
+    trained_on = {_checkpoint_key(r["checkpoint"]): _data_identity(r) for r in runs if r.get("checkpoint")}
     groups = defaultdict(list)
     for r in evals:
         if r["protocol"] == protocol and r.get("test_by"):
@@ -412,7 +420,8 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path, run
     for (task, by, data), records in sorted(groups.items(), key=lambda kv: (_task_sort(kv[0][0]), kv[0][1:])):
         labels = variant_labels(records)  # within one data: the data's own settings are in the heading
         names = list(dict.fromkeys(n for r in records for split in ("val_by", "test_by") for n in r[split]))
-        folder, generator = json.loads(data)["folder"], json.loads(data).get("generator")
+        identity = json.loads(data)
+        folder, generator = identity["folder"], identity.get("generator")
         seed = f", generator seed {generator['seed']}" if generator and "seed" in generator else ""
         lines += [f"### `{protocol}` · {task}: checkpoints evaluated by {by} (`lra-eval`, data `{folder}`{seed})", "",
                   f"Accuracy (%), validation / test, overall and by {by}. The floor row always answers the training "
@@ -433,7 +442,7 @@ def evaluation_sections(evals: list[dict], protocol: str, results_dir: Path, run
         for r in sorted(records, key=lambda r: (r["model"], r["seed"], r.get("finished") or 0, r["_path"])):
             splits = (r["val_by"], r["test_by"])
             model = labels[r["_path"]]
-            trained = trained_on.get(Path(r["checkpoint"]).parent.name, data)
+            trained = trained_on.get(_checkpoint_key(r["checkpoint"]), data) if r.get("checkpoint") else data
             if trained != data:
                 model += f" (trained on `{json.loads(trained)['folder']}`)"
             path = Path(r["_path"])

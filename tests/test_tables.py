@@ -214,6 +214,25 @@ def test_checkpoint_evaluations_are_tabled_by_group_beside_their_floor(results):
     assert sum(line.startswith("| cast") and "step 300" in line for line in lines) == 1  # d.json: no evaluation
 
 
+def test_trained_on_matches_a_checkpoint_by_its_run_folder_not_by_the_shared_checkpoints_folder_name(results):
+    """Runs without ``resume=true`` keep checkpoints in ``<run dir>/checkpoints/``: two such runs on different data
+    must not be confused, and a multirun's run folders (same names in every multirun) are told apart by their
+    parent; an evaluation record without a checkpoint path is tabled without the note."""
+    seed0 = {"source": "generated", "folder": "/x/listops-abc", "generator": {"seed": 0}}
+    seed1 = {"source": "generated", "folder": "/x/listops-def", "generator": {"seed": 1}}
+    record(results, "listops", 30.0, model="cast", data=seed0,
+           checkpoint="/x/outputs/multirun/2026-01-01_a/0_listops_nystrom_cast_seed0/checkpoints/best.ckpt")
+    record(results, "listops", 30.0, model="cast", seed=1, data=seed1,
+           checkpoint="/x/outputs/multirun/2026-01-02_b/0_listops_nystrom_cast_seed0/checkpoints/best.ckpt")
+    evaluation(results, "a.json", "cast", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/y/listops-def", generator_seed=1,
+               checkpoint="/y/outputs/multirun/2026-01-01_a/0_listops_nystrom_cast_seed0/checkpoints/best.ckpt")
+    evaluation(results, "b.json", "tost", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/y/listops-def", generator_seed=1,
+               checkpoint="")
+    lines = render(results, plots=False)[0].read_text().splitlines()
+    assert any(line.startswith("| cast (trained on `listops-abc`), seed 0, step 300 |") for line in lines)
+    assert any(line.startswith("| tost, seed 0, step 300 |") for line in lines)
+
+
 def test_floor_spread_of_a_training_floor_without_variance_is_stated_not_divided_by_zero():
     prior = {split: {"MIN": {"correct": c, "rows": 10}} for split, c in (("train", 10), ("val", 9), ("test", 10))}
     assert floor_spread(prior) == (
