@@ -218,8 +218,10 @@ def deviation_reasons(c: dict, protocol: str, task: str, known: list[dict]) -> l
     if configured in ("16-mixed", "16", "bf16-mixed") and c.get("hardware", "").endswith("fp32"):
         reasons.append(f"run in fp32 on CPU where the recipe trains with {PRECISIONS.get(configured, configured)} "
                        f"on a GPU")
-    if c["n"] < 3:
-        reasons.append(f"n={c['n']} seed{'s' if c['n'] > 1 else ''}: seed-to-seed spread not yet measured")
+    if c["n"] == 1:
+        reasons.append("n=1 seed: seed-to-seed spread not yet measured")
+    elif c["n"] == 2:
+        reasons.append("n=2 seeds: the ± is the spread of two runs")
     for row in known:
         if row["protocol"] == protocol and row["model"] in ("*", c["model"]) and row["task"] in ("*", task):
             reasons.append(row["reason"])
