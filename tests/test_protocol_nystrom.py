@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from lra import attention
 from lra.models import Encoder, build_model
 
 
@@ -34,6 +35,17 @@ def test_the_protocol_selects_the_harness_behaviour_and_quirks_fixed_corrects_it
     for option, published, corrected in UPSTREAM_BUGS[model]:
         assert (upstream["model"]["options"][option], fixed["model"]["options"][option]) == (published, corrected)
     assert (upstream["encoder"]["pooling"], fixed["encoder"]["pooling"]) == ("mean_with_padding", "mean")
+
+
+def test_the_fixed_performer_corrects_the_bugs_and_keeps_the_harness_settings(make_cfg):
+    """Fixed is favor_plus (scaled once, padded keys masked, a stabiliser per example) with the harness's own W that is
+    never redrawn and eps 1e-4, not favor_plus's defaults (a fresh W every step, eps 1e-6)."""
+    built = {}
+    for quirks in ("upstream", "fixed"):
+        options = resolved(make_cfg, "model=performer", f"protocol.quirks={quirks}")["model"]["options"]
+        module = attention.build("performer", 64, 2, **options)
+        built[quirks] = (module.variant, module.redraw, module.eps, module.num_features, module.orthogonal)
+    assert built == {"upstream": ("harness", 0, 1e-4, 256, True), "fixed": ("favor_plus", 0, 1e-4, 256, True)}
 
 
 def test_deliberate_harness_choices_stay_when_bugs_are_fixed(make_cfg):
