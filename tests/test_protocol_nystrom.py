@@ -38,8 +38,8 @@ def test_the_protocol_selects_the_harness_behaviour_and_quirks_fixed_corrects_it
 
 
 def test_the_fixed_performer_corrects_the_bugs_and_keeps_the_harness_settings(make_cfg):
-    """Fixed is favor_plus (scaled once, padded keys masked, a stabiliser per example) with the harness's own W that is
-    never redrawn and eps 1e-4, not favor_plus's defaults (a fresh W every step, eps 1e-6)."""
+    """Fixed is favor_plus (scaled once, padded keys masked, a stabiliser per example) with the harness's settings, W
+    drawn once and never redrawn and eps 1e-4, not favor_plus's defaults (a fresh W every step, eps 1e-6)."""
     built = {}
     for quirks in ("upstream", "fixed"):
         options = resolved(make_cfg, "model=performer", f"protocol.quirks={quirks}")["model"]["options"]
