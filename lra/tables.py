@@ -60,7 +60,7 @@ PROTOCOLS = {  # section titles; published-only blocks say so
 NOT_ATTENTION = {"ssm-papers": "Not attention: state-space models, as published (for scale: where attention stands; "
                               "their papers' averages include Path-X)"}
 UNSOURCED = ("proxyformer", "cast")  # no published LRA figures could be sourced (no public code either)
-KNOWN_REASONS = "known_deviations.csv"  # results/known_deviations.csv: protocol, model, task, reason (* = any)
+KNOWN_REASONS = "known_deviations.csv"  # results/known_deviations.csv: protocol, model, task, hardware, reason (* = any)
 NOT_RUN = "not_run.csv"  # results/not_run.csv: protocol, model, task, why: cells deliberately left to other hardware
 
 
@@ -210,7 +210,8 @@ def load_known_reasons(path: Path) -> list[dict]:
 
 
 def deviation_reasons(c: dict, protocol: str, task: str, known: list[dict]) -> list[str]:
-    """Why a measured cell may differ from its published figure: what the record shows, and the known reasons."""
+    """Why a measured cell may differ from its published figure: what the record shows, and the known reasons (a
+    reason about one device's runs names that row's hardware, ``CPU · fp32``; ``*`` is any)."""
     reasons = []
     if c["generated"]:
         reasons.append("data made by the suite's LRA generator (same algorithm and sizes, another sample)")
@@ -223,7 +224,8 @@ def deviation_reasons(c: dict, protocol: str, task: str, known: list[dict]) -> l
     elif c["n"] == 2:
         reasons.append("n=2 seeds: the ± is the spread of two runs")
     for row in known:
-        if row["protocol"] == protocol and row["model"] in ("*", c["model"]) and row["task"] in ("*", task):
+        if (row["protocol"] == protocol and row["model"] in ("*", c["model"]) and row["task"] in ("*", task)
+                and (row.get("hardware") or "*") in ("*", c.get("hardware"))):
             reasons.append(row["reason"])
     return reasons
 

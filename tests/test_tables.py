@@ -95,6 +95,25 @@ def test_variants_get_their_own_rows_and_no_published_figure(results):
     assert "37.15 [1]" in lines["nystromformer / CPU · fp32"]  # the recipe itself, beside its published figure
 
 
+def test_a_known_reason_about_one_device_s_runs_stays_on_that_device_s_row(results):
+    (results / "known_deviations.csv").write_text(
+        "protocol,model,task,hardware,reason\n"
+        "nystrom,nystromformer,listops,*,any device's reason\n"
+        "nystrom,nystromformer,listops,CPU · fp32,the CPU run's reason\n"
+        "nystrom,nystromformer,listops,NVIDIA H100 80GB HBM3 · fp16 mixed,the H100 run's reason\n"
+        "nystrom,nystromformer,listops,,an empty hardware field means any device\n")
+    record(results, "listops", 30.0)
+    record(results, "listops", 31.0, device="NVIDIA H100 80GB HBM3", precision="16-mixed")
+    text = render(results, plots=False)[0].read_text()
+    notes = {line.split("(")[1].split(")")[0]: line for line in text.splitlines()
+             if line.startswith("- **nystromformer, listops**")}
+    assert set(notes) == {"CPU · fp32", "NVIDIA H100 80GB HBM3 · fp16 mixed"}
+    for hardware, own, other in (("CPU · fp32", "the CPU run's", "the H100 run's"),
+                                 ("NVIDIA H100 80GB HBM3 · fp16 mixed", "the H100 run's", "the CPU run's")):
+        assert own in notes[hardware] and other not in notes[hardware]
+        assert "any device's reason" in notes[hardware] and "an empty hardware field" in notes[hardware]
+
+
 def test_state_space_models_stand_in_their_own_block(results):
     record(results, "listops", 37.0)
     text = render(results, plots=False)[0].read_text()
