@@ -10,7 +10,8 @@ Reads every record under ``results/runs/`` and the published figures in ``result
   beside the experiment that runs its recipe (not beside variants). An average column, over the five tasks (Path-X
   excluded, as the LRA paper's average), is filled where a row has all five, measured and published separately.
   Measured cells that miss their published figure by more than a point are listed under the table with the
-  difference and the known reasons. Failed runs are counted in their cell; a cell with no finished run shows why.
+  difference and the known reasons (those that every listed cell of a task shares said once, before its cells).
+  Failed runs are counted in their cell; a cell with no finished run shows why.
 * ``results/accuracy.csv``: the same cells, one line each, with the record files behind every measured cell.
 * ``results/accuracy.tex``: the tables for a paper (booktabs): measured ± std with n, published in their own
   columns with their source numbers.
@@ -301,7 +302,9 @@ class Table:
         return "" if source is None else f" [{self.sources.index(source) + 1}]"
 
     def deviations(self) -> list[str]:
-        lines = []
+        """One bullet per measured cell more than a point from its published figure, with its known reasons; the
+        reasons that every listed cell of a task shares are stated once, before that task's bullets."""
+        by_task: dict[str, list] = {}
         for row in self.rows:
             for kind, task in self.columns:
                 c = self.measured(row, task) if kind == "measured" else None
@@ -310,10 +313,20 @@ class Table:
                 if c is None or c["mean"] is None or figure is None or abs(c["mean"] - figure) <= 1.0:
                     continue
                 reasons = deviation_reasons({**c, "hardware": row[1]}, self.protocol, base_task(task), self.known)
+                by_task.setdefault(task, []).append((row, c, p, figure, reasons))
+        lines = []
+        for task, listed in sorted(by_task.items(), key=lambda item: _task_sort(item[0])):
+            shared = [r for r in listed[0][4] if all(r in entry[4] for entry in listed)] if len(listed) > 1 else []
+            if shared:
+                lines += [f"Known reasons shared by every {task} cell listed below: " + "; ".join(shared) + ".", ""]
+            for row, c, p, figure, reasons in listed:
+                own = [r for r in reasons if r not in shared]
+                said = "; ".join(own) if own else ("only those shared above" if shared else "none identified yet")
                 lines.append(f"- **{row[0]}, {task}** ({row[1]}): {c['mean']:.2f} measured vs {figure:.2f} "
                              f"published{self.source_number(p['source'])}, {c['mean'] - figure:+.2f} points. Known "
-                             f"reasons: " + ("; ".join(reasons) if reasons else "none identified yet") + ".")
-        return lines
+                             f"reasons{' besides the shared ones' if shared and own else ''}: {said}.")
+            lines.append("")
+        return lines[:-1]
 
 
 def markdown_section(t: Table, title: str) -> list[str]:

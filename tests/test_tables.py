@@ -111,7 +111,25 @@ def test_a_known_reason_about_one_device_s_runs_stays_on_that_device_s_row(resul
     for hardware, own, other in (("CPU · fp32", "the CPU run's", "the H100 run's"),
                                  ("NVIDIA H100 80GB HBM3 · fp16 mixed", "the H100 run's", "the CPU run's")):
         assert own in notes[hardware] and other not in notes[hardware]
-        assert "any device's reason" in notes[hardware] and "an empty hardware field" in notes[hardware]
+        assert "Known reasons besides the shared ones:" in notes[hardware]
+    # the reasons both rows share are said once, before their bullets, and not again in each
+    (shared,) = [line for line in text.splitlines() if line.startswith("Known reasons shared by every listops cell")]
+    for reason in ("any device's reason", "an empty hardware field means any device", "n=1 seed"):
+        assert text.count(reason) == 1 and reason in shared
+    assert text.index(shared) < min(text.index(note) for note in notes.values())
+
+
+def test_a_cell_whose_reasons_are_all_shared_says_so(results):
+    record(results, "listops", 30.0)
+    record(results, "listops", 31.0, device="NVIDIA H100 80GB HBM3", precision="16-mixed")
+    text = render(results, plots=False)[0].read_text()
+    notes = [line for line in text.splitlines() if line.startswith("- **nystromformer, listops**")]
+    assert len(notes) == 2
+    cpu = next(n for n in notes if "CPU · fp32" in n)
+    h100 = next(n for n in notes if "H100" in n)
+    assert cpu.endswith("Known reasons besides the shared ones: run in fp32 on CPU where the recipe trains with "
+                        "fp16 mixed on a GPU.")
+    assert h100.endswith("Known reasons: only those shared above.")
 
 
 def test_state_space_models_stand_in_their_own_block(results):
