@@ -151,7 +151,6 @@ class FingerprintIndex:
         self.file = Path(index_file)
         self.entries = self._load()
         self.updates: dict[str, dict[str, list | None]] = {}
-        self.hashed = 0  # files hashed by this object (a re-check of unchanged files hashes none)
 
     def _load(self) -> dict:
         try:
@@ -192,7 +191,6 @@ class FingerprintIndex:
             if strict:
                 raise _data_error(f"{path}: cannot read it ({err.strerror}). Fix its permissions.") from None
             return f"unreadable: {err.strerror}", sig
-        self.hashed += 1
         fresh = max(st.st_mtime_ns, st.st_ctime_ns) > started - RACY_WINDOW_NS
         self.updates.setdefault(where, {})[name] = None if fresh else [*sig, value]
         return value, sig
