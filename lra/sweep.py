@@ -34,8 +34,8 @@ NAMED = ("task=", "model=", "protocol=", "seed=")  # overrides the summary line 
 
 class SweepSummary(Callback):
     """Around a multirun. Before: creates the folder of an Optuna SQLite study (``hparams_search``). After: a
-    line per job (ok / skipped / failed with its reason), an Optuna search's best parameters; status 1 if any job
-    failed."""
+    line per job (ok / skipped / failed with its reason / smoke: a ``fast_dev_run``, no record), an Optuna
+    search's best parameters; status 1 if any job failed."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         storage = str(config.hydra.sweeper.get("storage") or "")
@@ -60,7 +60,7 @@ class SweepSummary(Callback):
             extra = [x for x in o.get("overrides", []) if x not in shared and not x.startswith(NAMED)]
             cell = f"{o.get('task', '?')}/{o.get('model', '?')}/{o.get('protocol', '?')} seed {o.get('seed', '?')}"
             cell += f" [{' '.join(extra)}]" if extra else ""
-            if o["status"] == "failed":
+            if o["status"] in ("failed", "smoke"):
                 detail = o["reason"] + (f" ({o['record']})" if o.get("record") else "")
             else:
                 detail = f"test {100 * o['test_acc']:.2f}%" if o.get("test_acc") is not None else ""

@@ -245,6 +245,9 @@ def run(cfg: DictConfig) -> dict:
         _print_summary(cfg, record, state.get("notes", []))
     if fast:
         print("[lra] fast_dev_run: no run record written (smoke test, not a measurement).")
+        if state["trainer"].is_global_zero:  # a sweep of smoke tests: each job ran, none is a measurement
+            _write_outcome(out_dir, {**ident, "status": "smoke", "cell": cell, "record": None,
+                                     "reason": "fast_dev_run: no record"})
     elif state["trainer"].is_global_zero:
         path = record["_path"] = _save_record(cfg, record, state) if cfg.record else None
         _write_outcome(out_dir, {**ident, "status": "ok", "cell": cell, "record": path,

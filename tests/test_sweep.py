@@ -96,6 +96,17 @@ def test_a_sweep_with_a_failing_cell_finishes_tabulates_and_resumes(tmp_path):
     assert [(r["model"], r["status"]) for r in records] == [("transformer", "ok")]
 
 
+def test_a_sweep_of_smoke_tests_passes_and_records_nothing(tmp_path):
+    """``-m ... debug=fdr``: each job is a fast_dev_run; the summary lists them as smoke tests (not failed for
+    want of a record) and the sweep exits 0 with no run record written."""
+    result = train_subprocess(["-m", "model=transformer,nystromformer", "debug=fdr"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for model in ("transformer", "nystromformer"):
+        assert f"smoke    listops/{model}/quick seed 0  fast_dev_run: no record" in result.stdout
+    assert "[lra] 2 smoke." in result.stdout
+    assert load_records(tmp_path / "results") == []
+
+
 def test_make_sweep_checks_names_then_runs_one_multirun(monkeypatch):
     calls = []
     monkeypatch.setattr(os, "execv", lambda exe, cmd: calls.append(cmd))
