@@ -73,6 +73,7 @@ ADDED = {  # settings every config has now, added since older records were writt
 }
 ADDED_OPTIONS = {  # per attention (``model.attention``): options added since, with what older runs computed
     "proxyformer": {"model.options.landmark_dropout_on": "pinv"},
+    "performer": {"model.options.harness_fixes": []},
 }
 
 

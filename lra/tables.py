@@ -61,7 +61,8 @@ PROTOCOLS = {  # section titles; published-only blocks say so
 NOT_ATTENTION = {"ssm-papers": "Not attention: state-space models, as published (for scale: where attention stands; "
                               "their papers' averages include Path-X)"}
 UNSOURCED = ("proxyformer", "cast")  # no published LRA figures could be sourced (no public code either)
-KNOWN_REASONS = "known_deviations.csv"  # results/known_deviations.csv: protocol, model, task, hardware, reason (* = any)
+# results/known_deviations.csv: protocol, model, task, hardware, reason (* = any)
+KNOWN_REASONS = "known_deviations.csv"
 NOT_RUN = "not_run.csv"  # results/not_run.csv: protocol, model, task, why: cells deliberately left to other hardware
 
 

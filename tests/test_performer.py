@@ -119,7 +119,9 @@ def test_padded_sequence_equals_the_unpadded_one():
 @pytest.mark.parametrize(("options", "match"), [({"redraw": -1}, "redraw >= 0"), ({"variant": "x"}, "variant"),
                                                 ({"kernel": "elu"}, "kernel"),
                                                 ({"variant": "harness", "kernel": "relu"}, "softmax kernel"),
-                                                ({"variant": "lra", "redraw": 1}, "leave")])
+                                                ({"variant": "lra", "redraw": 1}, "leave"),
+                                                ({"harness_fixes": ["scale"]}, "harness_fixes"),
+                                                ({"variant": "harness", "harness_fixes": ["mask"]}, "harness_fixes")])
 def test_bad_options_are_errors(options, match):
     with pytest.raises(ValueError, match=match):
         attention.build("performer", dim=DIM, num_heads=HEADS, **options)
@@ -139,12 +141,14 @@ def _phi(x, w, eps, c):
     return w.shape[0] ** -0.5 * (torch.exp(x @ w.T - x.pow(2).sum(-1, keepdim=True) / 2 - c) + eps)
 
 
-@pytest.mark.parametrize("stabiliser", ["row", "real_keys", "example", "batch"])
+@pytest.mark.parametrize(("stabiliser", "masked"), [("row", False), ("example", True), ("example", False),
+                                                    ("batch", False), ("batch", True)])
 @pytest.mark.parametrize("detach", [True, False])
-def test_stabilisers_values_and_gradients_equal_their_maxima_written_out(stabiliser, detach):
+def test_stabilisers_values_and_gradients_equal_their_maxima_written_out(stabiliser, masked, detach):
     """Each stabiliser ``c`` is its maximum of ``W x``; without ``detach`` its gradient is that of the maximum
-    (``amax`` here: no ties in random data), with it none. The second example has no real keys: its
-    ``real_keys`` features and stabiliser are zero, and it gets no gradient from them."""
+    (``amax`` here: no ties in random data), with it none. With a key mask the maximum is over real keys and
+    padded keys get zero features; the second example has no real keys: its features (and, per example, its
+    stabiliser) are zero, and it gets no gradient from them."""
     g = torch.Generator().manual_seed(11)
     w = torch.randn(24, HEAD_DIM, generator=g, dtype=torch.float64)
     x = torch.randn(3, HEADS, 9, HEAD_DIM, generator=g, dtype=torch.float64).requires_grad_(True)
@@ -152,17 +156,14 @@ def test_stabilisers_values_and_gradients_equal_their_maxima_written_out(stabili
     keep[0, 6:], keep[1] = False, False
     proj = x @ w.T
     source = proj if not detach else proj.detach()
-    if stabiliser == "real_keys":
-        c = source.masked_fill(~keep[:, None, :, None], -torch.inf).amax((-2, -1), keepdim=True)
-        c = torch.nan_to_num(c, neginf=0.0)
-    else:
-        c = {"row": lambda: source.amax(-1, keepdim=True), "example": lambda: source.amax((-2, -1), keepdim=True),
-             "batch": lambda: source.amax()}[stabiliser]()
-    expected = _phi(x, w, 1e-4, c)
-    if stabiliser == "real_keys":
+    if masked:
+        source = source.masked_fill(~keep[:, None, :, None], -torch.inf)
+    c = {"row": lambda: source.amax(-1, keepdim=True), "example": lambda: source.amax((-2, -1), keepdim=True),
+         "batch": lambda: source.amax()}[stabiliser]()
+    expected = _phi(x, w, 1e-4, torch.nan_to_num(c, neginf=0.0))
+    if masked:
         expected = expected * keep[:, None, :, None]
-    got = positive_random_features(x, w, 1e-4, keep if stabiliser == "real_keys" else None,
-                                   stabiliser=stabiliser, detach=detach)
+    got = positive_random_features(x, w, 1e-4, keep if masked else None, stabiliser=stabiliser, detach=detach)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     weights = torch.randn(expected.shape, generator=g, dtype=torch.float64)
     (grad,), (expected_grad,) = (torch.autograd.grad((t * weights).sum(), x) for t in (got, expected))
@@ -170,13 +171,27 @@ def test_stabilisers_values_and_gradients_equal_their_maxima_written_out(stabili
     assert torch.isfinite(grad).all()
 
 
-def _harness_reference(q, k, v, mask, w, eps=1e-4):
-    """The Nyströmformer harness's Performer (the facts' A.4 formula) in float64."""
-    s = HEAD_DIM**-0.5
+def test_a_key_mask_needs_a_key_stabiliser():
+    x, w = torch.randn(1, 1, 4, HEAD_DIM), torch.randn(8, HEAD_DIM)
+    with pytest.raises(ValueError, match="example or batch"):
+        positive_random_features(x, w, 1e-4, torch.ones(1, 4, dtype=torch.bool), stabiliser="row")
+
+
+def _harness_reference(q, k, v, mask, w, eps=1e-4, fixes=()):
+    """The Nyströmformer harness's Performer (the facts' A.4 formula) in float64, with the bugs named in ``fixes``
+    corrected: ``scale`` d^(-1/4) once, ``padding`` padded keys out of the stabiliser and the sums, ``stabiliser``
+    one key maximum per example and head."""
+    s = HEAD_DIM ** (-0.25 if "scale" in fixes else -0.5)
     keep = mask[:, None, :, None].to(q.dtype)
     qt, kt = s * q, s * keep * k
     phi_q = _phi(qt, w, eps, (qt @ w.T).amax(-1, keepdim=True))
-    phi_k = _phi(kt, w, eps, (kt @ w.T).max())  # one scalar over [B, H, N, m], padded (zero) keys included
+    scores = kt @ w.T
+    if "padding" in fixes:
+        scores = scores.masked_fill(keep == 0, -torch.inf)
+    key_max = scores.amax((-2, -1), keepdim=True) if "stabiliser" in fixes else scores.amax()
+    phi_k = _phi(kt, w, eps, key_max)  # upstream: one scalar over [B, H, N, m], padded (zero) keys included
+    if "padding" in fixes:
+        phi_k = phi_k * keep
     return (phi_q @ (phi_k.transpose(-1, -2) @ (v * keep))) / (phi_q @ phi_k.sum(-2)[..., None])
 
 
@@ -231,6 +246,53 @@ def test_harness_variant_depends_on_padding_and_on_the_batch_as_upstream():
     torch.testing.assert_close(alone, _harness_reference(q[:1], k[:1], v[:1], mask[:1], attn.features))
     assert not torch.allclose(both[:1], alone, rtol=0, atol=1e-9)  # batch-wide stabiliser
     assert (alone[..., :20, :] - unpadded).abs().max() > 1e-2  # padded keys are zero keys in the normaliser
+
+
+FIX_SETS = [(), ("scale",), ("padding",), ("stabiliser",), ("scale", "padding"), ("padding", "stabiliser"),
+            ("scale", "padding", "stabiliser")]
+
+
+@pytest.mark.parametrize("fixes", FIX_SETS)
+def test_harness_fixes_each_correct_their_bug_values_and_gradients(fixes):
+    attn = _build(dtype=torch.float64, variant="harness", harness_fixes=list(fixes))
+    q, k, v, mask = _qkv(3, 24, 1.0, seed=12, pad=(9, 0, 17))
+    q.requires_grad_(True), k.requires_grad_(True)
+    v = v * mask[:, None, :, None]
+    got = attn.attend(q, k, v, mask)
+    expected = _harness_reference(q, k, v, mask, attn.features, fixes=fixes)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for g, e in zip(torch.autograd.grad(got.sum(), (q, k)), torch.autograd.grad(expected.sum(), (q, k)), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("fixes", FIX_SETS)
+def test_harness_fixes_remove_the_dependence_on_padding_and_on_the_batch(fixes):
+    """``padding``: real outputs no longer depend on how much padding follows; ``stabiliser``: an example's
+    outputs no longer depend on the rest of its micro-batch. Each bug is still there without its fix."""
+    attn = _build(dtype=torch.float64, variant="harness", harness_fixes=list(fixes))
+    q, k, v, mask = _qkv(2, 32, 1.0, seed=5, pad=(12, 0))
+    v = v * mask[:, None, :, None]
+    both = attn.attend(q, k, v, mask)
+    alone = attn.attend(q[:1], k[:1], v[:1], mask[:1])
+    unpadded = attn.attend(q[:1, :, :20], k[:1, :, :20], v[:1, :, :20], mask[:1, :20])
+    assert torch.allclose(both[:1], alone, rtol=0, atol=1e-12) == ("stabiliser" in fixes)
+    assert torch.allclose(alone[..., :20, :], unpadded, rtol=0, atol=1e-12) == ("padding" in fixes)
+
+
+def test_harness_with_every_fix_is_favor_plus_with_the_harness_settings():
+    """What is left between the two is FAVOR+'s own details: the normaliser guard (moderate inputs here, so it never
+    fires: checked), the detached stabilisers (no change in value) and the QR sign fix (the same ``W`` is given to
+    both)."""
+    fixed = _build(dtype=torch.float64, variant="harness", harness_fixes=["scale", "padding", "stabiliser"])
+    favor = _build(dtype=torch.float64, variant="favor_plus", eps=1e-4, redraw=0)
+    favor.features.copy_(fixed.features)
+    q, k, v, mask = _qkv(3, 24, 0.3, seed=13, pad=(9, 0, 17))
+    v = v * mask[:, None, :, None]
+    s, w, keep = HEAD_DIM**-0.25, fixed.features, mask[:, None, :, None]
+    key_max = (s * k @ w.T).masked_fill(~keep, -torch.inf).amax((-2, -1), keepdim=True)
+    phi_q, phi_k = _phi(s * q, w, 1e-4, (s * q @ w.T).amax(-1, keepdim=True)), _phi(s * k, w, 1e-4, key_max) * keep
+    assert (phi_q @ phi_k.sum(-2)[..., None]).min() > 1e-4  # the guard's threshold
+    torch.testing.assert_close(fixed.attend(q, k, v, mask), favor.attend(q, k, v, mask), rtol=1e-12, atol=1e-14)
 
 
 def test_harness_features_are_drawn_once_without_the_qr_sign_fix():

@@ -58,6 +58,13 @@ weights and ``W``, the ListOps logits of ``protocol=nystrom model=performer`` eq
 model running performer-pytorch 0.15.0 to 2.3e-15 in float64 on a padded batch (0.57 apart with
 ``protocol.quirks=fixed``).
 
+``harness_fixes`` (harness variant only; default none) corrects any subset of the three bugs and nothing else, so
+their effects can be measured one at a time: ``scale`` (inputs scaled by ``d^(-1/4)`` once), ``padding`` (padded
+keys left out of the key stabiliser and given zero features, so real outputs do not depend on the padding) and
+``stabiliser`` (one key stabiliser per example and head instead of per micro-batch). With all three it computes
+``variant="favor_plus"`` with the harness's settings up to FAVOR+'s own details (a test): the QR sign fix, the
+normaliser guard and the detached stabilisers, which change the estimate by at most O(ε).
+
 ``variant="lra"`` and ``kernel="relu"`` reproduce the original LRA code
 (google-research/long-range-arena ``models/performer/performer_attention.py``), selected by ``protocol=lra``:
 
@@ -89,6 +96,7 @@ from lra.attention import register
 from lra.attention.base import QKVAttention
 
 VARIANTS = ("favor_plus", "harness", "lra")
+HARNESS_FIXES = ("scale", "padding", "stabiliser")  # the harness's three bugs, each correctable on its own
 KERNELS = ("softmax", "relu")
 # per variant: (eps of the softmax kernel, redraw), and the relu kernel's eps (LRA's kernel_epsilon)
 _SOFTMAX_DEFAULTS = {"favor_plus": (1e-6, 1), "harness": (1e-4, 0), "lra": (1e-6, None)}
@@ -127,31 +135,33 @@ def positive_random_features(x: torch.Tensor, projection: torch.Tensor, eps: flo
     """FAVOR+ features ``φ(x̂)`` of ``x: [B, H, N, d]`` (already scaled) -> ``[B, H, N, m]``.
 
     ``stabiliser`` (the constant ``c`` in ``exp(W x̂ − ‖x̂‖²/2 − c)``): ``row`` (the maximum over the features
-    of each row; queries), ``real_keys`` (over the real keys, ``keep: [B, N]``, and features of each example
-    and head; padded keys then get zero features), ``example`` (over all keys and features of each example
-    and head), ``batch`` (one maximum over the whole tensor). Default: ``row`` without ``keep``,
-    ``real_keys`` with it. ``detach``: no gradient through ``c``; otherwise ``c``'s gradient is that of the
-    maximising entry ``w_j · x̂_n`` (:func:`_maximum`), computed on ``[.., d]`` rows rather than routed
-    through the ``[B, H, N, m]`` tensor.
+    of each row; queries), ``example`` (over the keys and features of each example and head) or ``batch`` (one
+    maximum over the whole tensor). Default: ``row`` without ``keep``, ``example`` with it. ``keep: [B, N]``
+    (keys only): the maximum is over real keys only and padded keys get zero features (an example, or with
+    ``batch`` a batch, without real keys has ``c = 0``). ``detach``: no gradient through ``c``; otherwise ``c``'s
+    gradient is that of the maximising entry ``w_j · x̂_n`` (:func:`_maximum`), computed on ``[.., d]`` rows
+    rather than routed through the ``[B, H, N, m]`` tensor.
     """
-    stabiliser = stabiliser or ("row" if keep is None else "real_keys")
+    stabiliser = stabiliser or ("row" if keep is None else "example")
+    if keep is not None and stabiliser == "row":
+        raise ValueError("positive_random_features: keep (a key mask) needs the example or batch stabiliser")
     proj = F.linear(x.reshape(-1, x.shape[-1]), projection).view(*x.shape[:-1], -1)  # W x̂: [B, H, N, m], one mm
     source = proj.detach()
-    if stabiliser == "real_keys":
+    if keep is not None:
         source = source.masked_fill(~keep[:, None, :, None], -torch.inf)
     c = _maximum(source, x, projection, stabiliser, detach)
     # m^(-1/2) (exp(a) + ε) = exp(a − log √m) + ε / √m, one fewer [B, H, N, m] temporary
     log_ratio = 0.5 * math.log(projection.shape[0])
     offset = x.pow(2).sum(-1, keepdim=True) / 2 + c + log_ratio
     features = torch.exp(proj + -offset) + eps * math.exp(-log_ratio)  # + -offset: no [B, H, N, m] negation in backward
-    return features * keep[:, None, :, None].to(features.dtype) if stabiliser == "real_keys" else features
+    return features if keep is None else features * keep[:, None, :, None].to(features.dtype)
 
 
 def _maximum(source: torch.Tensor, x: torch.Tensor, projection: torch.Tensor, stabiliser: str,
              detach: bool) -> torch.Tensor:
     """The stabiliser ``c``: the maximum of ``source = W x̂: [B, H, N, m]`` (detached) over the stabiliser's
-    entries, kept with singleton dimensions (``row`` ``[B, H, N, 1]``, ``real_keys``/``example``
-    ``[B, H, 1, 1]``, ``batch`` a scalar).
+    entries, kept with singleton dimensions (``row`` ``[B, H, N, 1]``, ``example`` ``[B, H, 1, 1]``, ``batch`` a
+    scalar); entries masked with ``-inf`` (padded keys) never maximise, and a maximum over none of them is 0.
 
     With ``detach=False`` it carries the gradient of its maximising entry: ``c + (t − t.detach())`` with
     ``t = w_j · x̂_n`` at the (first) argmax ``(n, j)``, exactly ``c`` in value and ``w_j`` in gradient with
@@ -165,13 +175,13 @@ def _maximum(source: torch.Tensor, x: torch.Tensor, projection: torch.Tensor, st
         return c if detach else c + _carrier(x, projection[j[..., 0]])
     if stabiliser == "batch":
         flat = source.argmax()
-        c = source.reshape(-1)[flat]
+        c = torch.nan_to_num(source.reshape(-1)[flat], neginf=0.0)
         if detach:
             return c
         bi, hi, ni, ji = torch.unravel_index(flat, source.shape)
         return c + _carrier(x[bi, hi, ni], projection[ji]).squeeze(-1)
-    c, flat = source.reshape(b, h, n * m).max(-1)  # real_keys, example: [B, H]
-    c = torch.nan_to_num(c[..., None, None], neginf=0.0)  # real_keys: an example without real keys has c = 0
+    c, flat = source.reshape(b, h, n * m).max(-1)  # example: [B, H]
+    c = torch.nan_to_num(c[..., None, None], neginf=0.0)  # an example without real keys has c = 0
     if detach:
         return c
     rows = x.gather(2, (flat // m)[:, :, None, None].expand(b, h, 1, x.shape[-1]))  # x̂_n: [B, H, 1, d]
@@ -201,14 +211,15 @@ class PerformerAttention(QKVAttention):
 
     Options: ``num_features`` (256), ``orthogonal`` (True), ``redraw`` (training forwards between fresh
     features, 0: never; None: the variant's, favor_plus 1, harness 0), ``eps`` (None: the variant's, 1e-6,
-    harness 1e-4, relu kernel 1e-3), ``variant`` (``favor_plus`` | ``harness`` | ``lra``), ``kernel``
-    (``softmax`` | ``relu``), ``qkv_bias``, ``qkv_dim``, ``out_bias``.
+    harness 1e-4, relu kernel 1e-3), ``variant`` (``favor_plus`` | ``harness`` | ``lra``), ``harness_fixes``
+    (with ``harness``: any of ``scale``, ``padding``, ``stabiliser``), ``kernel`` (``softmax`` | ``relu``),
+    ``qkv_bias``, ``qkv_dim``, ``out_bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_features: int = 256, orthogonal: bool = True,
                  redraw: int | None = None, eps: float | None = None, variant: str = "favor_plus",
-                 kernel: str = "softmax", qkv_bias: bool = True, qkv_dim: int | None = None,
-                 out_bias: bool = True):
+                 harness_fixes: tuple[str, ...] | list[str] = (), kernel: str = "softmax", qkv_bias: bool = True,
+                 qkv_dim: int | None = None, out_bias: bool = True):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, qkv_dim=qkv_dim, out_bias=out_bias)
         if variant not in VARIANTS or kernel not in KERNELS:
             raise ValueError(f"performer: variant must be one of {VARIANTS} and kernel one of {KERNELS}, got "
@@ -219,12 +230,17 @@ class PerformerAttention(QKVAttention):
         if variant == "lra" and kernel == "softmax" and redraw is not None:
             raise ValueError(f"performer: variant lra redraws at every forward from the queries' sum; leave "
                              f"redraw unset (null); fix {_CONFIG}")
+        harness_fixes = tuple(harness_fixes or ())
+        if harness_fixes and (variant != "harness" or not set(harness_fixes) <= set(HARNESS_FIXES)):
+            raise ValueError(f"performer: harness_fixes applies to variant harness and takes any of "
+                             f"{HARNESS_FIXES}, got variant={variant!r}, harness_fixes={list(harness_fixes)} "
+                             f"(protocol.quirks=fixed selects favor_plus); fix {_CONFIG}")
         default_eps, default_redraw = _SOFTMAX_DEFAULTS[variant]
         redraw = default_redraw if redraw is None else redraw
         if num_features < 1 or (redraw is not None and redraw < 0):
             raise ValueError(f"performer: num_features must be >= 1 and redraw >= 0 (0 = never), got "
                              f"num_features={num_features}, redraw={redraw}; fix {_CONFIG}")
-        self.variant, self.kernel = variant, kernel
+        self.variant, self.kernel, self.harness_fixes = variant, kernel, frozenset(harness_fixes)
         self.eps = eps if eps is not None else (_RELU_EPS if kernel == "relu" else default_eps)
         self.num_features, self.orthogonal, self.redraw = num_features, orthogonal, redraw
         self.sign_fix = variant == "favor_plus"  # the harness's and LRA's QR blocks have no sign fix
@@ -257,12 +273,7 @@ class PerformerAttention(QKVAttention):
             self.training_forwards += 1
         w = self.features.to(q.dtype)
         if self.variant == "harness":
-            scale = self.head_dim ** -0.5  # d^(-1/4) twice (upstream bug 1)
-            keys = k * mask[:, None, :, None].to(k.dtype) * scale  # padded keys = zero keys (bug 2)
-            phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=False)
-            phi_k = positive_random_features(keys, w, self.eps, stabiliser="batch", detach=False)  # (bug 3)
-            numerator, normaliser = linear_attention_sums(phi_q, phi_k, v)
-            return numerator / normaliser
+            return self._harness(q, k, v, mask, w)
         scale = self.head_dim ** -0.25  # applied once: q̂·k̂ = q·k/√d
         lra = self.variant == "lra"
         phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=not lra)
@@ -272,6 +283,18 @@ class PerformerAttention(QKVAttention):
             phi_k = positive_random_features(k * scale, w, self.eps, keep=mask)
         numerator, normaliser = linear_attention_sums(phi_q, phi_k, v)
         normaliser = torch.where(normaliser.abs() <= self.eps, normaliser + 2 * self.eps, normaliser)
+        return numerator / normaliser
+
+    def _harness(self, q, k, v, mask, w):
+        """The harness's forward, with the bugs named in ``harness_fixes`` corrected (module doc)."""
+        fixes = self.harness_fixes
+        scale = self.head_dim ** (-0.25 if "scale" in fixes else -0.5)  # upstream: d^(-1/4) twice (bug 1)
+        keep = mask if "padding" in fixes else None
+        keys = k * scale if keep is not None else k * mask[:, None, :, None].to(k.dtype) * scale  # zero keys (bug 2)
+        stabiliser = "example" if "stabiliser" in fixes else "batch"  # upstream: one per micro-batch (bug 3)
+        phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=False)
+        phi_k = positive_random_features(keys, w, self.eps, keep, stabiliser=stabiliser, detach=False)
+        numerator, normaliser = linear_attention_sums(phi_q, phi_k, v)
         return numerator / normaliser
 
     def _relu_kernel(self, q, k, v, mask):
@@ -284,5 +307,6 @@ class PerformerAttention(QKVAttention):
         return numerator / normaliser.clamp_min(torch.finfo(phi_q.dtype).tiny)
 
     def extra_repr(self) -> str:
-        return (f"variant={self.variant}, kernel={self.kernel}, num_features={self.num_features}, "
+        fixes = f", harness_fixes={sorted(self.harness_fixes)}" if self.harness_fixes else ""
+        return (f"variant={self.variant}{fixes}, kernel={self.kernel}, num_features={self.num_features}, "
                 f"orthogonal={self.orthogonal}, redraw={self.redraw}, eps={self.eps}")
