@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from lra.config import CONFIGS
 from lra.results import (
+    ADDED_OPTIONS,
     SKIPPED,
     TASK_ORDER,
     device_type,
@@ -88,10 +93,30 @@ def _quirks_fixed(record: dict) -> bool:
     return ((record.get("config") or {}).get("protocol") or {}).get("quirks") == "fixed"
 
 
+@functools.cache
+def _model_options(model: str) -> dict:
+    """``model.options.*`` as today's ``configs/model/<model>.yaml`` sets them (empty where there is no such file)."""
+    path = CONFIGS / "model" / f"{model}.yaml"
+    options = (OmegaConf.to_container(OmegaConf.load(path)).get("options") or {}) if path.is_file() else {}
+    return {f"model.options.{name}": value for name, value in options.items()}
+
+
+def _added_default(key: str, leaves: dict, model: str) -> bool:
+    """``key`` is an attention option added since older records were written (``ADDED_OPTIONS``), at the value those
+    runs used, which is also today's default for ``model``: such a run is the recipe as it is today."""
+    def same(a, b):
+        return json.dumps(a, default=str) == json.dumps(b, default=str)
+
+    older, today = ADDED_OPTIONS.get(leaves.get("model.attention"), {}), _model_options(model)
+    return key in older and key in today and same(older[key], leaves[key]) and same(today[key], leaves[key])
+
+
 def variant_labels(records: list[dict]) -> dict[str, str]:
     """Row label of each record: its model name, ``[bugs fixed]`` when it ran with ``protocol.quirks=fixed``, and,
     where one (protocol, model, task, hardware) holds runs of different configs, the settings that tell them
-    apart (e.g. ``proxyformer (trainer.max_steps=300)``), so runs of different experiments are never averaged."""
+    apart (e.g. ``proxyformer (trainer.max_steps=300)``), so runs of different experiments are never averaged. A
+    setting added since older records were written counts as unset where it has the value those runs used and that
+    value is today's default (``_added_default``): such runs keep the plain label, and the published figure."""
     groups = defaultdict(list)
     for r in records:
         groups[(r["protocol"], r["model"], task_label(r), hardware(r), _quirks_fixed(r))].append(r)
@@ -103,7 +128,7 @@ def variant_labels(records: list[dict]) -> dict[str, str]:
         differing = sorted(k for k in keys if len({json.dumps(e.get(k, "unset"), default=str)
                                                    for e in experiments.values()}) > 1)
         for r in runs:  # a run with none of the differing settings set is the recipe itself: the plain label
-            own = [k for k in differing if k in experiments[id(r)]]
+            own = [k for k in differing if k in experiments[id(r)] and not _added_default(k, experiments[id(r)], model)]
             shown = [f"{k}={experiments[id(r)][k]}" for k in own[:3]]
             more = ", …" if len(own) > 3 else ""
             label = model + (" [bugs fixed]" if fixed else "")

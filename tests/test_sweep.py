@@ -234,6 +234,28 @@ def test_ddp_inside_a_basic_multirun_is_refused_with_the_way_out(monkeypatch):
     lra.train._check_launch({"strategy": "ddp", "devices": 2})  # SLURM started the processes
 
 
+def test_an_option_added_since_keeps_the_plain_label_where_older_runs_did_what_is_default_today(tmp_path):
+    """An older Performer record (no ``harness_fixes``: added since) and a new one at the default ``[]`` are one
+    experiment with the plain label (and so the published figure); a run with a fix is its own row, labelled by
+    it. Proxyformer's older runs dropped landmarks on ``pinv`` where today's default is ``k2``: both labelled."""
+    def record(model, seed, options, acc):
+        config = {"seed": seed, "model": {"attention": model, "options": options}}
+        write_record(tmp_path, {"status": "ok", "protocol": "nystrom", "task": "listops", "model": model,
+                                "seed": seed, "test_acc": acc, "config": config, "finished": 1.0e9 + seed})
+
+    record("performer", 0, {"variant": "harness"}, 0.30)
+    record("performer", 1, {"variant": "harness", "harness_fixes": []}, 0.20)
+    record("performer", 0, {"variant": "harness", "harness_fixes": ["scale"]}, 0.10)
+    record("proxyformer", 0, {}, 0.40)
+    record("proxyformer", 0, {"landmark_dropout_on": "k2"}, 0.35)
+    rows = _table_rows(tmp_path)
+    assert (rows["performer"]["n"], rows["performer"]["accuracy_mean"]) == ("2", "25.0000")
+    assert rows["performer (model.options.harness_fixes=['scale'])"]["accuracy_mean"] == "10.0000"
+    assert rows["proxyformer (model.options.landmark_dropout_on=pinv)"]["accuracy_mean"] == "40.0000"
+    assert rows["proxyformer (model.options.landmark_dropout_on=k2)"]["accuracy_mean"] == "35.0000"
+    assert len(rows) == 4
+
+
 def test_runs_of_different_configs_are_never_averaged_into_one_cell(tmp_path):
     """Seeds of one experiment share a cell (whatever their data paths); another learning rate gets its own row,
     labelled by the setting that differs."""
