@@ -289,8 +289,8 @@ class PerformerAttention(QKVAttention):
         """The harness's forward, with the bugs named in ``harness_fixes`` corrected (module doc)."""
         fixes = self.harness_fixes
         scale = self.head_dim ** (-0.25 if "scale" in fixes else -0.5)  # upstream: d^(-1/4) twice (bug 1)
-        keep = mask if "padding" in fixes else None
-        keys = k * scale if keep is not None else k * mask[:, None, :, None].to(k.dtype) * scale  # zero keys (bug 2)
+        keys = k * mask[:, None, :, None].to(k.dtype) * scale  # upstream: padded keys are zero keys, counted (bug 2)
+        keep = mask if "padding" in fixes else None  # the fix: out of the stabiliser, zero features
         stabiliser = "example" if "stabiliser" in fixes else "batch"  # upstream: one per micro-batch (bug 3)
         phi_q = positive_random_features(q * scale, w, self.eps, stabiliser="row", detach=False)
         phi_k = positive_random_features(keys, w, self.eps, keep, stabiliser=stabiliser, detach=False)
