@@ -107,8 +107,11 @@ def plot_length_curves(curves: dict[str, list[tuple]], path: Path, title: str, m
     return _save(plt, fig, path)
 
 
-def plot_validation_curves(curves: dict[str, list[tuple]], path: Path, title: str) -> Path:
-    """``curves: label -> [(seed, [(step, val_acc %)])]`` -> validation accuracy against training steps."""
+def plot_validation_curves(curves: dict[str, list[tuple]], path: Path, title: str,
+                           floor: tuple[float, str] | None = None) -> Path:
+    """``curves: label -> [(seed, [(step, val_acc %)])]`` -> validation accuracy against training steps;
+    ``floor: (accuracy %, grouping)`` draws the validation split's floor of always answering the most common
+    label of each group (e.g. ListOps' root operator)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     look = styles(list(curves))
@@ -117,6 +120,11 @@ def plot_validation_curves(curves: dict[str, list[tuple]], path: Path, title: st
             style = {**look[label], "linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": None,
                      "label": f"{label} (seed {seed})" if len(runs) > 1 else label}
             ax.plot([p[0] for p in points], [p[1] for p in points], **style)
+    if floor is not None:
+        ax.axhline(floor[0], color="0.3", linestyle=":", linewidth=1.2)
+        text = f"floor {floor[0]:.2f}%: always the training split's most common label of the {floor[1]}"
+        ax.annotate(text, (0.01, floor[0]), xycoords=("axes fraction", "data"), xytext=(0, -3),
+                    textcoords="offset points", va="top", fontsize=7, color="0.3")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(True, alpha=0.3)

@@ -646,11 +646,30 @@ def speed_points(bench: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def validation_plots(records: list[dict], results_dir: Path) -> list[Path]:
-    """One plot of validation accuracy over training steps per protocol × task × device (``val_history``)."""
+def validation_floors(records: list[dict], evals: list[dict]) -> dict[tuple, tuple[float, str]]:
+    """``(protocol, task label) -> (validation floor %, grouping)``: the accuracy on the validation split of always
+    answering the training split's most common label of each group (ListOps: root operator), from an ``lra-eval``
+    record of the data those runs trained on (compared without machine paths); no entry where the runs trained on
+    more than one dataset or no record of theirs carries the floor."""
+    data = defaultdict(set)
+    for r in records:
+        if r.get("status", "ok") == "ok" and r.get("val_history"):
+            data[(r["protocol"], task_label(r))].add(_data_identity(r))
+    floors = {}
+    for e in evals:
+        key = (e["protocol"], task_label(e))
+        if e.get("prior_by") and data.get(key) == {_data_identity(e)}:
+            counts = e["prior_by"]["val"].values()
+            floors[key] = (100 * sum(c["correct"] for c in counts) / sum(c["rows"] for c in counts), e["by"])
+    return floors
+
+
+def validation_plots(records: list[dict], results_dir: Path, evals: list[dict] = ()) -> list[Path]:
+    """One plot of validation accuracy over training steps per protocol × task × device (``val_history``), with the
+    validation floor of ``validation_floors`` where ``evals`` has one."""
     from lra import plots
 
-    written = []
+    written, floors = [], validation_floors(records, list(evals))
     for (protocol, task, where), curves in sorted(curve_groups(records).items()):
         slug = f"{protocol}_{task.replace(' [generated]', '-generated')}_{where.split(' · ')[0]}"
         path = results_dir / "plots" / f"val_curves_{slug.lower().replace(' ', '-')}.png"
@@ -658,7 +677,7 @@ def validation_plots(records: list[dict], results_dir: Path) -> list[Path]:
         if without := sorted(label for label, runs in curves.items() if not runs):
             title += f" (not drawn, their records keep no validation history: {', '.join(without)})"
         drawn = {label: runs for label, runs in curves.items() if runs}
-        written.append(plots.plot_validation_curves(drawn, path, title))
+        written.append(plots.plot_validation_curves(drawn, path, title, floors.get((protocol, task))))
     return written
 
 
@@ -708,7 +727,8 @@ def render_plots(records: list[dict], results_dir: Path) -> list[Path]:
     if not plots.available():
         print("[lra] matplotlib is not installed: no plots (pip install -e '.[plots]').")
         return []
-    return validation_plots(records, results_dir) + accuracy_plots(results_dir, records)
+    return (validation_plots(records, results_dir, load_evaluations(results_dir))
+            + accuracy_plots(results_dir, records))
 
 
 def main(argv: list[str] | None = None) -> int:

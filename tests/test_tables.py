@@ -159,6 +159,36 @@ def test_validation_curves_name_the_rows_whose_records_keep_no_history(results):
     assert len(curve_groups(load_records(results))) == 1  # nothing to draw for text: no plot
 
 
+def test_validation_curves_draw_the_floor_of_the_data_the_runs_trained_on(results, monkeypatch):
+    """The validation floor (always the training split's most common label of each group, pooled over the groups'
+    validation rows) comes from an ``lra-eval`` record of the runs' own data, whatever machine made it; runs on two
+    datasets, or data no record has a floor for, get no floor line."""
+    pytest.importorskip("matplotlib")
+    from lra import plots
+    from lra.tables import load_evaluations, load_records, validation_floors
+
+    drawn = {}
+
+    def plot(curves, path, title, floor=None):
+        drawn[path.name] = floor
+        return path
+
+    monkeypatch.setattr(plots, "plot_validation_curves", plot)
+    abc = {"source": "generated", "folder": "/x/listops-abc", "generator": {"seed": 0}}
+    record(results, "listops", 37.0, data=abc)
+    record(results, "listops", 30.0, model="tost", data=abc, device="NVIDIA H100 80GB HBM3", precision="16-mixed")
+    floor = ({"MIN": (6, 10), "MAX": (1, 10)}, {"MIN": (5, 10), "MAX": (3, 10)})
+    evaluation(results, "a.json", "tost", {"MIN": (1, 10), "MAX": (0, 10)}, {"MIN": (1, 10), "MAX": (0, 10)},
+               "/elsewhere/listops-abc", prior=floor)
+    evaluation(results, "b.json", "tost", {"MIN": (1, 4)}, {"MIN": (1, 4)}, "/here/listops-def", generator_seed=1,
+               prior=({"MIN": (4, 4)}, {"MIN": (4, 4)}))
+    render(results)
+    assert drawn == {"val_curves_nystrom_listops-generated_cpu.png": (35.0, "root operator"),
+                     "val_curves_nystrom_listops-generated_nvidia-h100-80gb-hbm3.png": (35.0, "root operator")}
+    record(results, "listops", 36.0, seed=1, data={**abc, "folder": "/x/listops-def"})
+    assert validation_floors(load_records(results), load_evaluations(results)) == {}
+
+
 def test_cells_left_to_other_hardware_say_so(results):
     (results / "not_run.csv").write_text("protocol,model,task,why\nnystrom,transformer,listops,too slow on a CPU\n")
     record(results, "listops", 37.0, generated=True)
