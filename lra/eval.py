@@ -48,7 +48,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lra.callbacks import StepProgressBar
 from lra.data import DataError
 from lra.preflight import CONFIGS, ConfigError, check_checkpoint
-from lra.results import create_json, device_name, floor_spread, git_state, package_versions
+from lra.results import (
+    breakdown_lines,
+    by_group,
+    create_json,
+    device_name,
+    floors_by_group,
+    git_state,
+    package_versions,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = ("task", "model", "protocol")  # naming one of these composes the config from configs/
@@ -139,9 +147,7 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
     trainer_cfg.pop("max_steps", None)
     torch.set_float32_matmul_precision(trainer_cfg.pop("float32_matmul_precision", "highest"))
     datamodule, model, module = build(cfg, {})
-    breakdown = datamodule.breakdown()
-    if breakdown is not None:
-        module.breakdown = breakdown[1:]
+    breakdown = datamodule.breakdown()  # build() has set the module to count by it
     ckpt = Path(cfg.ckpt_path)
     step = check_checkpoint(ckpt, model).get("global_step")
     trainer = L.Trainer(**trainer_cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -159,10 +165,9 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
         "device": device_name(trainer.strategy.root_device), "world_size": trainer.world_size,
         "precision": trainer_cfg["precision"],
         "data": {**datamodule.describe_source(), "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
-        **({} if breakdown is None else {"by": breakdown[0], "val_by": _by(module.group_counts["val"]),
-                                          "test_by": _by(module.group_counts["test"]),
-                                          "prior_by": {"label": prior["label"], "train": _by(prior["train"]),
-                                                       "val": _by(prior["val"]), "test": _by(prior["test"])}}),
+        **({} if breakdown is None else {"by": breakdown[0], "val_by": by_group(module.group_counts["val"]),
+                                          "test_by": by_group(module.group_counts["test"]),
+                                          "prior_by": floors_by_group(prior)}),
         "config_source": source, "config": config, "git": git_state(REPO), "versions": package_versions(),
         "finished": time.time(),
     }
@@ -172,19 +177,7 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
               f"{100 * result['test_acc']:.2f}% (majority-class rate of this test set: "
               f"{100 * result['test_majority_rate']:.2f}%)")
         if breakdown is not None:
-            floors = result["prior_by"]
-            print(f"[lra] accuracy by {breakdown[0]}, val / test (rows); beside it, the floor of always answering the "
-                  f"training split's most common label of that {breakdown[0]}:")
-            for name in breakdown[1]:
-                val, test = (result[f"{split}_by"].get(name) for split in ("val", "test"))
-                if val or test:
-                    floor = " / ".join(f"{100 * floors[split][name]['acc']:6.2f}%" if name in floors[split]
-                                       else "     –" for split in ("val", "test"))
-                    answer = floors["label"].get(name, "–")
-                    print(f"  {name:>8}  " + " / ".join(
-                        f"{100 * c['acc']:6.2f}% ({c['rows']})" if c else "     – (0)" for c in (val, test)) +
-                        f"   floor (label {answer}): {floor}")
-            print(f"[lra] {floor_spread(floors)}")
+            print("\n".join(breakdown_lines(result, breakdown[1], ("val", "test"))))
         if record:
             folder = Path(cfg.paths.results_dir) / "evals" / cfg.protocol.name / cfg.task.name / cfg.model.name
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -194,11 +187,6 @@ def evaluate(cfg: DictConfig, source: str = "", record: bool = False) -> dict:
         else:
             print("[lra] no record written (record=true writes one under <results>/evals/)")
     return result
-
-
-def _by(counts: dict[str, tuple[int, int]]) -> dict[str, dict]:
-    """``{group: {"acc", "correct", "rows"}}`` from ``{group: (correct, rows)}``."""
-    return {name: {"acc": c / n, "correct": c, "rows": n} for name, (c, n) in counts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

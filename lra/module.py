@@ -58,7 +58,7 @@ class LRAModule(L.LightningModule):
     def __init__(self, model: LRAModel, optim: dict, max_steps: int):
         super().__init__()
         self.model, self.optim, self.max_steps = model, dict(optim), max_steps
-        self.breakdown = None  # lra.eval sets (group names, batch -> group index [B]) to count accuracy per group
+        self.breakdown = None  # lra.train.build sets (group names, batch -> group index [B]) for a task with groups
         self.group_counts: dict[str, dict[str, tuple[int, int]]] = {}  # stage -> {group: (correct, rows)}
 
     def forward(self, batch: dict) -> torch.Tensor:

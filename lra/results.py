@@ -232,3 +232,32 @@ def floor_spread(prior_by: dict) -> str | None:
                      f"rows) from it" if se else f"{name} {100 * c / n:.2f} (no spread about a floor of 0 or 100)")
     return (f"the floor on the training split ({rows} rows) is {100 * p:.2f}; drawn the same way, a split's floor "
             f"differs from it by sampling error alone: {', '.join(parts)}")
+
+
+def by_group(counts: dict[str, tuple[int, int]]) -> dict[str, dict]:
+    """``{group: {"acc", "correct", "rows"}}`` (a record's ``*_by``) from ``{group: (correct, rows)}``."""
+    return {name: {"acc": c / n, "correct": c, "rows": n} for name, (c, n) in counts.items()}
+
+
+def floors_by_group(prior: dict) -> dict:
+    """A record's ``prior_by`` from ``datamodule.group_prior()``: each group's answer and its floor on every split."""
+    return {"label": prior["label"], **{split: by_group(prior[split]) for split in ("train", "val", "test")}}
+
+
+def breakdown_lines(record: dict, names: tuple[str, ...], splits: tuple[str, ...]) -> list[str]:
+    """The console report of a record's accuracy by group (``by``, ``<split>_by`` for each of ``splits``) beside
+    each group's floor (``prior_by``), then how typical the splits' floors are (``floor_spread``)."""
+    by, floors = record["by"], record["prior_by"]
+    lines = [f"[lra] accuracy by {by}, {' / '.join(splits)} (rows); beside it, the floor of always answering the "
+             f"training split's most common label of that {by}:"]
+    for name in names:
+        counts = [record[f"{split}_by"].get(name) for split in splits]
+        if any(counts):
+            floor = " / ".join(f"{100 * floors[split][name]['acc']:6.2f}%" if name in floors[split] else "     –"
+                               for split in splits)
+            lines.append(f"  {name:>8}  " + " / ".join(f"{100 * c['acc']:6.2f}% ({c['rows']})" if c else "     – (0)"
+                                                         for c in counts)
+                         + f"   floor (label {floors['label'].get(name, '–')}): {floor}")
+    if spread := floor_spread(floors):
+        lines.append(f"[lra] {spread}")
+    return lines

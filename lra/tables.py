@@ -648,15 +648,15 @@ def speed_points(bench: list[dict]) -> dict[tuple, dict]:
 
 def validation_floors(records: list[dict], evals: list[dict]) -> dict[tuple, tuple[float, str]]:
     """``(protocol, task label) -> (validation floor %, grouping)``: the accuracy on the validation split of always
-    answering the training split's most common label of each group (ListOps: root operator), from an ``lra-eval``
-    record of the data those runs trained on (compared without machine paths); no entry where the runs trained on
-    more than one dataset or no record of theirs carries the floor."""
+    answering the training split's most common label of each group (ListOps: root operator), from a training or
+    ``lra-eval`` record of the data those runs trained on (compared without machine paths); no entry where the runs
+    trained on more than one dataset or no record of that data carries the floor."""
     data = defaultdict(set)
     for r in records:
         if r.get("status", "ok") == "ok" and r.get("val_history"):
             data[(r["protocol"], task_label(r))].add(_data_identity(r))
     floors = {}
-    for e in evals:
+    for e in [*evals, *records]:
         key = (e["protocol"], task_label(e))
         if e.get("prior_by") and data.get(key) == {_data_identity(e)}:
             counts = e["prior_by"]["val"].values()

@@ -48,10 +48,13 @@ from lra.preflight import (
     usable_checkpoint,
 )
 from lra.results import (
+    breakdown_lines,
+    by_group,
     cell_key,
     create_json,
     device_name,
     finished_record,
+    floors_by_group,
     git_state,
     package_versions,
     write_record,
@@ -266,6 +269,8 @@ def _print_summary(cfg: DictConfig, record: dict, notes: list[str]) -> None:
     print(f"[lra] {_name(cfg)}: test accuracy {100 * record['test_acc']:.2f}% (majority-class rate of this test "
           f"set: {100 * record['test_majority_rate']:.2f}%), best val {val}, {record['steps']} steps in "
           f"{record['wall_time_s']:.0f}s")
+    if "test_by" in record:
+        print("\n".join(breakdown_lines(record, tuple(record["test_by"]), ("test",))))
     rate = record.get("train_tokens_per_s")
     kind = MEMORY_KINDS.get(record.get("peak_memory_kind"), record.get("peak_memory_kind"))
     print(f"[lra]   run folder: {record['output_dir']}"
@@ -352,6 +357,8 @@ def build(cfg: DictConfig, state: dict) -> tuple:
     except (KeyError, TypeError, ValueError) as err:  # unknown attention or option, or a bad option value
         raise ConfigError(f"model={cfg.model.name}: {err.args[0]}") from None
     module = LRAModule(model, OmegaConf.to_container(cfg.optim, resolve=True), max_steps=cfg.trainer.max_steps)
+    if (breakdown := datamodule.breakdown()) is not None:  # ListOps: also count accuracy by root operator
+        module.breakdown = breakdown[1:]
     return datamodule, model, module
 
 
@@ -435,8 +442,20 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path, ckpt_dir: Path, ckpt_path: str
                  "sizes": {k: len(v) for k, v in datamodule.datasets.items()}},
         "test_checkpoint": which,  # best | last
         "checkpoint": best,  # the tested checkpoint file (None: the weights in memory at the end of training)
+        **_test_breakdown(datamodule, module),
         **({"sdpa_kernels": kernels} if (kernels := sdpa_kernels(model)) else {}),
     }
+
+
+def _test_breakdown(datamodule, module: LRAModule) -> dict:
+    """Where the task groups its rows (``datamodule.breakdown()``; ListOps: by root operator): the tested
+    checkpoint's test accuracy by group (``test_by``) and each group's floor on every split (``prior_by``), as
+    ``lra-eval`` records them; nothing for other tasks."""
+    breakdown = datamodule.breakdown()
+    if breakdown is None:
+        return {}
+    return {"by": breakdown[0], "test_by": by_group(module.group_counts["test"]),
+            "prior_by": floors_by_group(datamodule.group_prior())}
 
 
 def sdpa_kernels(model) -> list[str]:

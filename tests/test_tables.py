@@ -161,8 +161,8 @@ def test_validation_curves_name_the_rows_whose_records_keep_no_history(results):
 
 def test_validation_curves_draw_the_floor_of_the_data_the_runs_trained_on(results, monkeypatch):
     """The validation floor (always the training split's most common label of each group, pooled over the groups'
-    validation rows) comes from an ``lra-eval`` record of the runs' own data, whatever machine made it; runs on two
-    datasets, or data no record has a floor for, get no floor line."""
+    validation rows) comes from an ``lra-eval`` or training record of the runs' own data, whatever machine made it;
+    runs on two datasets, or data no record has a floor for, get no floor line."""
     pytest.importorskip("matplotlib")
     from lra import plots
     from lra.tables import load_evaluations, load_records, validation_floors
@@ -185,6 +185,10 @@ def test_validation_curves_draw_the_floor_of_the_data_the_runs_trained_on(result
     render(results)
     assert drawn == {"val_curves_nystrom_listops-generated_cpu.png": (35.0, "root operator"),
                      "val_curves_nystrom_listops-generated_nvidia-h100-80gb-hbm3.png": (35.0, "root operator")}
+    records = load_records(results)
+    with_floor = {**records[0], "by": "root operator",
+                  "prior_by": {"label": {"MIN": 0}, "val": {"MIN": {"correct": 2, "rows": 5}}}}
+    assert validation_floors([with_floor], []) == {("nystrom", "listops [generated]"): (40.0, "root operator")}
     record(results, "listops", 36.0, seed=1, data={**abc, "folder": "/x/listops-def"})
     assert validation_floors(load_records(results), load_evaluations(results)) == {}
 

@@ -27,8 +27,9 @@ def test_fast_dev_run_of_every_model(make_cfg, model):
     assert not (Path(cfg.paths.results_dir) / "runs").exists()  # a smoke test is not a measurement
 
 
-def test_two_seeds_make_records_and_one_table_cell(make_cfg, tmp_path):
+def test_two_seeds_make_records_and_one_table_cell(make_cfg, tmp_path, capsys):
     records = [run(make_cfg(*TINY, f"seed={seed}", run_dir=f"run{seed}")) for seed in (0, 1)]
+    out = capsys.readouterr().out
     results = Path(make_cfg().paths.results_dir)
     stored = load_records(results)
     assert len(stored) == 2 and {r["seed"] for r in stored} == {0, 1}
@@ -38,6 +39,15 @@ def test_two_seeds_make_records_and_one_table_cell(make_cfg, tmp_path):
         assert first[key] is not None, key
     assert first["steps"] == 6 and first["config"]["trainer"]["max_steps"] == 6
     assert first["data"]["source"] == "generated" and first["versions"]["torch"]
+    # ListOps: the tested checkpoint's accuracy by root operator, every test row counted once, beside the floors
+    by = first["test_by"]
+    assert first["by"] == "root operator" and sum(c["rows"] for c in by.values()) == first["data"]["sizes"]["test"]
+    assert sum(c["correct"] for c in by.values()) / first["data"]["sizes"]["test"] == pytest.approx(first["test_acc"])
+    assert set(first["prior_by"]) == {"label", "train", "val", "test"} and set(first["prior_by"]["test"]) == set(by)
+    name, counts = next(iter(by.items()))
+    assert "[lra] accuracy by root operator, test (rows); beside it, the floor" in out
+    assert (f"{100 * counts['acc']:6.2f}% ({counts['rows']})   floor (label {first['prior_by']['label'][name]}): "
+            f"{100 * first['prior_by']['test'][name]['acc']:6.2f}%") in out
 
     md, out, _ = render(results, REPO / "results" / "published.csv", plots=False)
     accs = [100 * r["test_acc"] for r in records]
