@@ -1,6 +1,8 @@
 """Accuracy tables and accuracy plots from the run records (``lra-tables``, ``make tables``).
 
-Reads every record under ``results/runs/`` and the published figures in ``results/published.csv`` and writes
+Reads every record under ``results/runs/`` and the published figures in ``results/published.csv`` (a results folder
+elsewhere without its own copy of the hand-kept files, ``published.csv``, ``known_deviations.csv`` and
+``not_run.csv``, uses the repository's; ``lra-tables`` prints which) and writes
 
 * ``results/accuracy.md``: one section per protocol, one row per experiment: model (with the settings that tell it
   apart from other runs of that model, and ``[bugs fixed]`` for ``protocol.quirks=fixed``), where it ran (device
@@ -33,6 +35,7 @@ import functools
 import io
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,6 +72,16 @@ UNSOURCED = ("proxyformer", "cast")  # no published LRA figures could be sourced
 # results/known_deviations.csv: protocol, model, task, hardware, reason (* = any)
 KNOWN_REASONS = "known_deviations.csv"
 NOT_RUN = "not_run.csv"  # results/not_run.csv: protocol, model, task, why: cells deliberately left to other hardware
+PUBLISHED = "published.csv"
+REFERENCE = Path(__file__).resolve().parent.parent / "results"  # the repository's results/: the hand-kept files
+
+
+def reference_file(results_dir: Path, name: str) -> Path:
+    """The hand-kept file ``name`` (published figures, known reasons, cells not run) that goes with the records in
+    ``results_dir``: its own copy where it has one, else the repository's ``results/<name>``, so the tables of a
+    results folder elsewhere (``RESULTS_DIR=...``) still set published figures and reasons beside its cells."""
+    own = Path(results_dir) / name
+    return own if own.is_file() else REFERENCE / name
 
 
 # ---- rows: which records form one experiment, and how it is labelled ------------------------------------------
@@ -590,11 +603,11 @@ def render(results_dir: str | Path, published_csv: str | Path | None = None, plo
     results_dir = Path(results_dir)
     records = load_records(results_dir)
     cells = measured_cells(records)
-    published = load_published(published_csv or results_dir / "published.csv")
+    published = load_published(published_csv or reference_file(results_dir, PUBLISHED))
     sources = list(dict.fromkeys(row["source"] for row in published))
     pub = {(r["protocol"], r["model"], r["task"]): r for r in published}
-    known = load_known_reasons(results_dir / KNOWN_REASONS)
-    not_run = load_known_reasons(results_dir / NOT_RUN)
+    known = load_known_reasons(reference_file(results_dir, KNOWN_REASONS))
+    not_run = load_known_reasons(reference_file(results_dir, NOT_RUN))
     protocols = sorted({k[0] for k in cells} | {k[0] for k in pub if k[0] not in NOT_ATTENTION},
                        key=lambda p: (p not in ("nystrom", "lra"), p == "quick", p))
     tables = [Table(p, cells, pub, sources, known, not_run) for p in protocols]
@@ -739,7 +752,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="published figures CSV (default: <results-dir>/published.csv)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
     args = parser.parse_args(argv)
-    for path in render(args.results_dir, args.published, args.plots):
+    results = Path(args.results_dir)
+    if not results.is_dir():
+        print(f"error: --results-dir {results} is not a folder: give the folder that holds runs/ (the records "
+              f"lra-train writes under paths.results_dir; default results).", file=sys.stderr)
+        return 2
+    published = Path(args.published) if args.published else reference_file(results, PUBLISHED)
+    if not published.is_file():
+        print(f"error: the published figures {published} do not exist: give --published <csv> (columns protocol, "
+              f"model, task, accuracy, source, note).", file=sys.stderr)
+        return 2
+    used = [published] + [reference_file(results, name) for name in (KNOWN_REASONS, NOT_RUN)]
+    print("[lra] published figures and reasons: " + ", ".join(map(str, used)))
+    for path in render(results, published, args.plots):
         print(f"wrote {path}")
     return 0
 

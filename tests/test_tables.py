@@ -313,3 +313,24 @@ def test_floor_spread_of_a_training_floor_without_variance_is_stated_not_divided
         "sampling error alone: validation 90.00 (no spread about a floor of 0 or 100), test 100.00 (no spread about a "
         "floor of 0 or 100)")
     assert floor_spread({k: v for k, v in prior.items() if k != "train"}) is None
+
+
+def test_a_results_folder_without_the_hand_kept_files_uses_the_repository_s(tmp_path, capsys):
+    """``RESULTS_DIR=elsewhere``: the tables still set the suite's published figures and known reasons beside the
+    cells, and ``lra-tables`` says which files it used; a missing folder or published CSV is an error, not empty
+    tables."""
+    from lra.tables import REFERENCE, main
+
+    elsewhere = tmp_path / "elsewhere"
+    record(elsewhere, "listops", 30.0, generated=True)
+    assert main(["--results-dir", str(elsewhere), "--no-plots"]) == 0
+    assert f"[lra] published figures and reasons: {REFERENCE / 'published.csv'}, " in capsys.readouterr().out
+    text = (elsewhere / "accuracy.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| nystromformer |"))
+    assert "37.15 [" in row  # the Nyströmformer paper's ListOps figure, from the repository's published.csv
+    assert "whole validation split" in text  # a known reason from the repository's known_deviations.csv
+
+    assert main(["--results-dir", str(tmp_path / "typo")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["--results-dir", str(elsewhere), "--published", str(tmp_path / "none.csv")]) == 2
+    assert f"the published figures {tmp_path / 'none.csv'} do not exist" in capsys.readouterr().err
