@@ -255,6 +255,7 @@ def test_overridden_profile_is_filed_as_custom():
     (["--models", "nope"], "unknown model(s) ['nope']"),
     (["--lengths", "0"], "give positive integers (--lengths)"),
     (["--protocol", "nope"], "Pick a protocol from configs/protocol/"),
+    (["--render-only"], "bench does not exist, so there are no benchmark records to render"),
 ])
 def test_bad_input_is_a_clear_error(capsys, tmp_path, argv, expected):
     assert main([*argv, "--results-dir", str(tmp_path)]) == 2

@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\ngrowth {check['long']}/{check['short']} tokens, {check['mode']} mode "
                       f"(limit {check['limit']}x):")
                 print("\n".join(growth_lines(records, check)))
+        if args.render_only and not (Path(args.results_dir) / "bench").is_dir():
+            raise BenchError(f"--render-only: {Path(args.results_dir) / 'bench'} does not exist, so there are no "
+                             f"benchmark records to render: give the --results-dir that lra-bench wrote them under "
+                             f"(default results), or run lra-bench without --render-only first.")
         for path in render(args.results_dir, plots=args.plots):
             print(f"wrote {path}")
     except BenchError as err:
