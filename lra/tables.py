@@ -679,7 +679,7 @@ def validation_floors(records: list[dict], evals: list[dict]) -> dict[tuple, tup
 
 def validation_plots(records: list[dict], results_dir: Path, evals: list[dict] = ()) -> list[Path]:
     """One plot of validation accuracy over training steps per protocol × task × device (``val_history``), with the
-    validation floor of ``validation_floors`` where ``evals`` has one."""
+    validation floor (``validation_floors``) where a training record or one of ``evals`` has it."""
     from lra import plots
 
     written, floors = [], validation_floors(records, list(evals))
@@ -749,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "accuracy plots from the run records.")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--published", default=None,
-                        help="published figures CSV (default: <results-dir>/published.csv)")
+                        help="published figures CSV (default: <results-dir>/published.csv, else the "
+                             "repository's results/published.csv)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
     args = parser.parse_args(argv)
     results = Path(args.results_dir)
