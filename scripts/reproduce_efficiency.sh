@@ -9,9 +9,9 @@
 #
 # Records go under $RESULTS_DIR/bench/<profile>/<device>/<run id>/ (never overwritten); a run with options that
 # differ from its profile is filed as <profile>-custom and gets its own section; points that run out of memory are
-# recorded as OOM. Time on one GPU, estimated (not yet measured: no GPU has been lent to this work) from the ~5 s a
-# point's fresh process takes to start and measure: `gpu` has 600 points (20 methods x 5 lengths x 2 modes x 3
-# precisions), about an hour; `lra-table2` 80 points, about 10 minutes. BENCH_ARGS="--models ..." trims the grid.
+# recorded as OOM. Time on one GPU: a `gpu` point took ~7.4 s on an H200 (a fresh process each), and `gpu` has 540
+# points (18 models x 5 lengths x 2 modes x 3 precisions), about 67 minutes; `lra-table2` has 72 (18 models x 4
+# lengths), about 10 minutes (estimated). BENCH_ARGS="--models ..." trims the grid.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
