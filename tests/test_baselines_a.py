@@ -213,6 +213,26 @@ def test_longformer_global_rows_use_their_own_projections():
     torch.testing.assert_close(actual[:, 2:][mask[:, 2:]], shared[:, 2:][mask[:, 2:]], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("num_global", [0, 2])
+def test_longformer_with_global_projections_computes_its_core_in_fp32_when_asked(num_global):
+    """``fp32_core`` (the encoder's ``attention_fp32``, the ``nystrom`` protocol): the window and global rows are
+    computed in float32 from bfloat16 projections (and in bfloat16 without it); the output is cast back."""
+    attn = _build("longformer", dtype=torch.bfloat16, window_size=6, num_global=num_global)
+    seen = []
+    for name in ("attend", "global_rows"):
+        method = getattr(attn, name)
+        setattr(attn, name, lambda q, *rest, _m=method: seen.append(q.dtype) or _m(q, *rest))
+    x, mask = _batch(2, 30, pad=(9,), dtype=torch.bfloat16)
+    with torch.no_grad():
+        attn.fp32_core = True
+        out = attn(x, mask)
+        assert out.dtype == torch.bfloat16 and set(seen) == {torch.float32} and len(seen) == 1 + 2 * bool(num_global)
+        seen.clear()
+        attn.fp32_core = False
+        attn(x, mask)
+        assert set(seen) == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("global_projections", [False, True])
 def test_longformer_window_covering_the_sequence_is_softmax(global_projections):
     attn = _build("longformer", window_size=80, num_global=2, global_projections=global_projections, init_seed=3)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lra.attention import register
-from lra.attention.base import QKVAttention
+from lra.attention.base import QKVAttention, in_fp32
 from lra.attention.local import check_positive, joint_softmax, masked_scores, unchunk, window_parts
 
 
@@ -65,15 +65,19 @@ class LongformerAttention(QKVAttention):
             return super().forward(x, mask)
         keep = mask[..., None].to(x.dtype)
         q, k = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x))
-        v = self.split_heads(self.v_proj(x) * keep)
-        out = self.attend(q, k, v, mask)
-        g = min(self.num_global, x.shape[1])
-        if g:
-            q_g = self.split_heads(self.q_global_proj(x[:, :g]))
-            k_g = self.split_heads(self.k_global_proj(x))
-            v_g = self.split_heads(self.v_global_proj(x) * keep)
-            out = torch.cat([self.global_rows(q_g, k_g, v_g, mask), out[:, :, g:]], dim=2)
+        qkv = [q, k, self.split_heads(self.v_proj(x) * keep)]
+        core = self.attend
+        if g := min(self.num_global, x.shape[1]):
+            qkv += [self.split_heads(self.q_global_proj(x[:, :g])), self.split_heads(self.k_global_proj(x)),
+                    self.split_heads(self.v_global_proj(x) * keep)]
+            core = self._attend_with_global_projections
+        out = in_fp32(core, *qkv, mask=mask) if self.fp32_core else core(*qkv, mask)
         return self.out_proj(self.merge_heads(out))
+
+    def _attend_with_global_projections(self, q, k, v, q_g, k_g, v_g, mask):
+        """``attend``'s rows for the non-global queries; the ``g`` global rows from their own projections."""
+        out = self.attend(q, k, v, mask)
+        return torch.cat([self.global_rows(q_g, k_g, v_g, mask), out[:, :, q_g.shape[2]:]], dim=2)
 
     def global_rows(self, q, k, v, mask):
         """Rows of the global queries ``q: [B, H, g, Dh]`` over every real key -> ``[B, H, g, Dh]``."""
