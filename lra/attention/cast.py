@@ -76,7 +76,8 @@ AFFINITIES = ("sigmoid", "softmax")
 class CASTAttention(QKVAttention):
     """CAST attention. Options: ``num_clusters`` (surrogates per head), ``cluster_size`` (κ; ``None`` =
     ``ceil(N / num_clusters)`` at forward), ``clustering`` (``topk`` | ``single_topk``), ``affinity``
-    (``sigmoid`` | ``softmax``), ``dropout`` (on intra-cluster probabilities), ``qkv_bias``."""
+    (``sigmoid`` | ``softmax``), ``dropout`` (on intra-cluster probabilities), ``qkv_bias``, ``qkv_dim``,
+    ``out_bias``."""
 
     def __init__(
         self,

@@ -57,7 +57,7 @@ class CosformerAttention(QKVAttention):
     """ReLU linear attention with cos-based re-weighting (see the module doc).
 
     Options: ``length`` (``real`` | ``padded``: what ``M`` and the indices count), ``eps`` (1e-6, lower
-    clamp of the normaliser), ``qkv_bias``.
+    clamp of the normaliser), ``qkv_bias``, ``qkv_dim``, ``out_bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, length: str = "real", eps: float = 1e-6, qkv_bias: bool = True,

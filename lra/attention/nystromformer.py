@@ -213,7 +213,8 @@ class NystromAttention(QKVAttention):
     """Nyström approximation of softmax attention with segment-mean landmarks (see the module doc).
 
     Options: ``num_landmarks`` (64), ``pinv_iterations`` (6), ``init_scaling`` (``per_matrix`` | ``global``),
-    ``masking`` (``full`` | ``authors``), ``conv_kernel`` (35; 0/None: no convolution), ``qkv_bias``.
+    ``masking`` (``full`` | ``authors``), ``conv_kernel`` (35; 0/None: no convolution), ``qkv_bias``,
+    ``qkv_dim``, ``out_bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_landmarks: int = 64, pinv_iterations: int = 6,

@@ -94,7 +94,7 @@ class ProxyAttention(QKVAttention):
     Options: ``num_proxies`` (128), ``shared_proxies`` (True), ``injection`` (True), ``injection_strength``
     (1.0), ``contrastive_weight`` (0.1), ``contrastive_temperature`` (0.1), ``landmark_dropout`` (0.1),
     ``landmark_dropout_on`` (``k2`` | ``pinv``), ``pinv_iterations`` (6), ``init_scaling`` (``per_matrix`` |
-    ``global``), ``conv_kernel`` (35), ``qkv_bias``.
+    ``global``), ``conv_kernel`` (35), ``qkv_bias``, ``qkv_dim``, ``out_bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_proxies: int = 128, shared_proxies: bool = True,

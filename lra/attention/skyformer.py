@@ -94,7 +94,7 @@ class SkyformerAttention(QKVAttention):
     """Gaussian-kernel attention with the Nyström approximation on sampled landmarks (see the module doc).
 
     Options: ``num_landmarks`` (128), ``regularization`` (0.1), ``pinv_iterations`` (6), ``init_scaling``
-    (``per_matrix`` | ``global``), ``resample`` (True), ``qkv_bias``.
+    (``per_matrix`` | ``global``), ``resample`` (True), ``qkv_bias``, ``qkv_dim``, ``out_bias``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_landmarks: int = 128, regularization: float = 0.1,

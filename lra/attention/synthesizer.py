@@ -4,10 +4,11 @@ The attention weights are synthesised instead of computed from query-key dot pro
 values ``v = x W_v`` (``v_proj``), ``ℓ = seq_len`` and an input of ``N <= ℓ`` tokens::
 
     dense:   B_h[i] = W2_h · ReLU(W1 x_i + b1)_h + b2_h ∈ R^ℓ      (token i's logits over the ℓ positions)
-             W1: [D, D] (``dense_hidden``; its D outputs split into H heads of Dh), W2_h: [Dh, ℓ], b2_h: [ℓ]
+             W1: [D, A] (``dense_hidden``; A = ``qkv_dim``, D by default, split into H heads of Dh),
+             W2_h: [Dh, ℓ], b2_h: [ℓ]
     random:  B_h = R_h ∈ R^{ℓ×ℓ}, learned and the same for every input (``random_logits``)
              factorised (``factor_rank = k``): R_h = R1_h R2_h, R1_h: [ℓ, k], R2_h: [k, ℓ]
-    out_h = softmax(B_h[:N, :N] + M) · v_h,     M = −inf on padded keys,   then ``out_proj``
+    out_h = softmax(B_h[:N, :N] + M) · v_h,     M = the dtype's lowest value on padded keys,   then ``out_proj``
 
 ``dot_product=True`` adds ``Q Kᵀ / √Dh`` (with ``q_proj``, ``k_proj``) to the synthetic logits, as LRA's
 Synthesizer encoder runs it (``ignore_dot_product=False``: a plain sum, the paper's "R+V"-style mixture

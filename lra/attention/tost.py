@@ -2,8 +2,9 @@
 Attention via Variational Rate Reduction", ICLR 2025).
 
 Follows ``AttentionTSSA`` of the authors' code (github.com/RobinWu218/ToST, ``tost_vision/tost.py``): one
-projection ``W`` per head (``qkv``, a single ``dim -> dim`` linear map shared by the query/key/value roles), a
-learned per-head temperature ``temp: [H, 1]`` initialised to ones, and per head (``w: [B, H, N, Dh]``)::
+projection ``W`` per head (``qkv``, a single ``dim -> qkv_dim`` linear map, ``qkv_dim`` = ``dim`` by default, shared
+by the query/key/value roles), a learned per-head temperature ``temp: [H, 1]`` initialised to ones, and per head
+(``w: [B, H, N, Dh]``)::
 
     w  = x W                                                     (split into heads)
     ŵ  = w / max(‖w‖₂ over tokens, 1e-12)                        (F.normalize over the token axis)
