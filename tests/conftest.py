@@ -37,10 +37,11 @@ def tmp_paths(tmp_path: Path, results: bool = True) -> list[str]:
     return paths + [f"paths.results_dir={tmp_path / 'results'}"] if results else paths
 
 
-def train_subprocess(args: list[str], tmp_path: Path, results: bool = True) -> subprocess.CompletedProcess:
-    """``python -m lra.train *args`` at the TINY settings in ``tmp_path`` (1 thread, paths from ``tmp_paths``)."""
+def train_subprocess(args: list[str], tmp_path: Path, results: bool = True, tiny: list[str] = TINY
+                     ) -> subprocess.CompletedProcess:
+    """``python -m lra.train *args`` at the ``tiny`` settings in ``tmp_path`` (1 thread, paths from ``tmp_paths``)."""
     env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lra.train", *args, *TINY, *tmp_paths(tmp_path, results)],
+    return subprocess.run([sys.executable, "-m", "lra.train", *args, *tiny, *tmp_paths(tmp_path, results)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 

@@ -174,13 +174,16 @@ def test_bad_checkpoint_path_is_a_clear_error_and_no_failure_record(make_cfg, tm
 
 def test_ddp_two_cpu_processes_write_one_record_with_exact_test_accuracy(tmp_path):
     """``trainer=ddp`` on 2 CPU processes (gloo): both train, rank zero alone writes the record, and the test
-    accuracy is counted over the whole test split (64 rows), not averaged over the processes' shards."""
-    proc = train_subprocess(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"], tmp_path)
+    accuracy is counted over the whole test split, every row once (61 rows: shards of 31 and 30, so neither a mean
+    of the shards' accuracies nor a padded shard would give these counts)."""
+    tiny = [a for a in TINY if not a.startswith("task.generator.num_test=")] + ["task.generator.num_test=61"]
+    proc = train_subprocess(["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"], tmp_path, tiny=tiny)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = load_records(tmp_path / "results")
     assert record["world_size"] == 2 and record["steps"] == 6 and record["status"] == "ok"
-    correct = record["test_acc"] * 64
-    assert abs(correct - round(correct)) < 1e-4
+    by_operator = record["test_by"].values()  # counted by root operator, reduced over the processes
+    assert sum(c["rows"] for c in by_operator) == 61 == record["data"]["sizes"]["test"]
+    assert record["test_acc"] == pytest.approx(sum(c["correct"] for c in by_operator) / 61, abs=1e-6)
     (log,) = (tmp_path / "logs").rglob("train.log")  # rank zero's console alone: one line per validation
     assert log.read_text().count("[lra] step 6: val/acc") == 1 and proc.stderr.count("[lra] step 6: val/acc") == 1
 
