@@ -137,9 +137,11 @@ def harness_logits(model, ids):
             out = _nystrom_harness(q, k, v, mask, a.num_landmarks, a.conv.weight)
         out = out.transpose(1, 2).reshape(x.shape)
         x = x + F.linear(out, a.out_proj.weight, a.out_proj.bias)
-        x = x + block.mlp(_ln(x, block.norm2))
+        first, second = block.mlp[0], block.mlp[3]  # model.py's mlpblock: Linear, GELU (exact), Dropout, Linear
+        x = x + F.linear(F.gelu(F.linear(_ln(x, block.norm2), first.weight, first.bias)), second.weight, second.bias)
     pooled = (_ln(x, enc.norm) * mask[..., None]).mean(1)
-    return model.head(pooled)
+    first, second = model.head.net[0], model.head.net[2]  # model_wrapper.py's SCHead: Linear, ReLU, Linear
+    return F.linear(F.relu(F.linear(pooled, first.weight, first.bias)), second.weight, second.bias)
 
 
 @pytest.mark.parametrize("model_name", ["transformer", "nystromformer"])
