@@ -326,12 +326,29 @@ def test_qkv_dim_reaches_the_attention_and_is_refused_where_unsupported(make_cfg
 # ---- which checkpoint is tested ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["last", "best"])
 def test_tested_checkpoint_is_recorded(make_cfg, which):
-    record = lra.train.run(make_cfg(*TINY, f"protocol.test_checkpoint={which}", "logger=none"))
+    """``last`` tests the weights training ended with (LRA: the final step's), ``best`` the best-validation
+    checkpoint: each record's test accuracy is ``lra-eval``'s of that checkpoint. At these settings the best
+    validation is at step 3 and training ends at step 6, so the two are different weights."""
+    import lra.eval
+
+    cfg = make_cfg(*TINY, f"protocol.test_checkpoint={which}", "logger=none")
+    record = lra.train.run(cfg)
     assert record["test_checkpoint"] == which
+    folder = Path(record["output_dir"]) / "checkpoints"
+    (folder.parent / ".hydra").mkdir()
+    OmegaConf.save(cfg, folder.parent / ".hydra" / "config.yaml")  # what lra-train's Hydra run folder holds
+    (best,) = folder.glob("best-*.ckpt")
+    assert best.name.startswith("best-step3-")  # not the final weights (step 6, last.ckpt)
     if which == "last":
-        assert record["checkpoint"] is None  # the weights training ended with (LRA: the final step's)
+        assert record["checkpoint"] is None
+        tested = folder / "last.ckpt"
     else:
-        assert Path(record["checkpoint"]).name.startswith("best-")
+        tested = best
+        assert Path(record["checkpoint"]) == best
+    evaluation = {name: lra.eval.evaluate(lra.eval.compose([f"ckpt_path={ckpt}"])[0])["test_acc"]
+                  for name, ckpt in (("tested", tested), ("other", folder / "last.ckpt" if which == "best" else best))}
+    assert record["test_acc"] == pytest.approx(evaluation["tested"], abs=1e-6)
+    assert evaluation["tested"] != pytest.approx(evaluation["other"], abs=1e-6)  # the choice shows in the figure
 
 
 def test_bad_test_checkpoint_is_a_config_error(make_cfg):
