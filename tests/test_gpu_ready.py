@@ -4,6 +4,7 @@ autocast, experiment identity by device and precision, the TF32 policy. CUDA-onl
 
 from __future__ import annotations
 
+import math
 import shlex
 import subprocess
 from pathlib import Path
@@ -44,21 +45,32 @@ def test_seed_methods_train_in_bf16_with_fp32_attention(make_cfg, model, precisi
                    "trainer.fast_dev_run=true", "logger=none")
     record = run(cfg)
     assert record["precision"] == precision and 0.0 <= record["test_acc"] <= 1.0
+    assert math.isfinite(record["test_loss"])
 
 
-def test_attention_core_runs_in_fp32_under_bf16_weights():
+@pytest.mark.parametrize("model_name,options", [("nystromformer", {"num_landmarks": 4, "conv_kernel": 3}),
+                                                ("proxyformer", {"num_proxies": 4, "conv_kernel": 3}),
+                                                ("cast", {"num_clusters": 3}), ("tost", {})])
+def test_attention_core_runs_in_fp32_under_bf16_weights(model_name, options):
+    """``attention_fp32``: a query/key/value attention's core (``attend``) sees float32 q, k, v; an attention with
+    projections of its own (ToST) runs whole in float32; the model's output stays bfloat16."""
+    import lra.attention as attention
     from lra.models import build_model
 
-    seen = {}
+    seen = []
     model = build_model({"depth": 1, "dim": 16, "num_heads": 2, "mlp_dim": 32, "dropout": 0.0, "pooling": "mean",
                          "pos_emb": "learned", "embed_init_std": 0.02, "attention_fp32": True, "head_hidden": 8},
-                        "nystromformer", {"num_landmarks": 4, "conv_kernel": 3}, 10, 12, 3).to(torch.bfloat16)
-    attend = model.encoder.blocks[0].attention.attend
-    model.encoder.blocks[0].attention.attend = lambda q, k, v, mask: seen.setdefault("dtype", q.dtype) and attend(
-        q, k, v, mask)
+                        model_name, options, 10, 12, 3).to(torch.bfloat16).eval()
+    attn = model.encoder.blocks[0].attention
+    if isinstance(attn, attention.QKVAttention):
+        attend = attn.attend
+        attn.attend = lambda q, k, v, mask: seen.append(q.dtype) or attend(q, k, v, mask)
+    else:
+        attn.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     ids = torch.randint(1, 10, (2, 12))
-    logits = model({"input_ids": ids, "mask": ids > 0})
-    assert seen["dtype"] == torch.float32 and logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model({"input_ids": ids, "mask": ids > 0})
+    assert seen == [torch.float32] and logits.dtype == torch.bfloat16
 
 
 def _resolved(make_cfg, *overrides):

@@ -61,9 +61,12 @@ def test_pinv_of_zero_matrix_is_zero_and_finite():
 
 
 def test_pinv_runs_in_float32_for_bfloat16():
+    """Every iteration in float32 (not bfloat16 cast up at the end): the same bits as from float32 input."""
     a = _softmax_matrices([2.0]).to(torch.bfloat16)
     z = iterative_pinv(a, 6)
-    assert z.dtype == torch.float32
+    assert z.dtype == torch.float32 and torch.equal(z, iterative_pinv(a.float(), 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast off inside, whatever the caller's
+        assert torch.equal(iterative_pinv(a, 6), z)
 
 
 @pytest.mark.parametrize("landmarks", [24, 64])  # = N (one token per landmark) and > N
