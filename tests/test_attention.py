@@ -120,5 +120,7 @@ def test_sdpa_reports_the_kernel_autocast_really_calls():
         attn(x, mask)
     assert seen == [(torch.bfloat16, torch.float32)]
     q = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16)
+    if sdpa_backend(q, q, q, None, 0.0) == "MATH":
+        pytest.skip("this PyTorch answers MATH for bfloat16 too: the report's cast cannot be told apart here")
     assert attn.backends_used == {sdpa_backend(q, q, q, None, 0.0)}
     assert sdpa_backend(q, q, q.float(), None, 0.0) == "MATH"  # the mixed-dtype answer the report must not give

@@ -123,18 +123,19 @@ def test_exact_limit_measures_zero_and_uniform_row_is_the_values_mean(compare):
 
 def test_qk_scale_multiplies_the_scores():
     base, sharp = _reference(qk_scale=1.0)[0].module(), _reference(qk_scale=4.0)[0].module()
-    for name in ("q_proj", "k_proj"):
+    for name in ("q_proj", "k_proj"):  # q and k each by sqrt(4), biases too: every score q . k by 4
         torch.testing.assert_close(getattr(sharp, name).weight, 2 * getattr(base, name).weight)
-    assert torch.equal(sharp.v_proj.weight, base.v_proj.weight)
+        torch.testing.assert_close(getattr(sharp, name).bias, 2 * getattr(base, name).bias)
+    assert torch.equal(sharp.v_proj.weight, base.v_proj.weight) and torch.equal(sharp.v_proj.bias, base.v_proj.bias)
     assert _reference(qk_scale=4.0)[0].exact(True, "padded")[1] < _reference()[0].exact(True, "padded")[1]
 
 
 def test_default_models_are_every_non_exact_config():
-    configs = {m: OmegaConf.load(CONFIGS / "model" / f"{m}.yaml").attention for m in option_names("model")}
-    expected = [m for m, name in configs.items() if name not in ("softmax", "sdpa")]
-    assert default_models() == expected
-    assert {"nystromformer", "proxyformer", "cast"} <= set(expected)
-    assert not {"transformer", "sdpa"} & set(expected)
+    exact = {"transformer", "sdpa"}  # the model configs whose attention is softmax or sdpa
+    assert {m for m in option_names("model")
+            if OmegaConf.load(CONFIGS / "model" / f"{m}.yaml").attention in ("softmax", "sdpa")} == exact
+    assert default_models() == sorted(set(option_names("model")) - exact)
+    assert {"nystromformer", "proxyformer", "cast", "tost"} <= set(default_models())
 
 
 def test_pure_variant_exists_only_where_an_option_adds_to_the_approximation():
