@@ -271,20 +271,24 @@ def _bigbird_allowed(attn, n):
     return blocks[:, block_of][:, :, block_of]
 
 
-def test_bigbird_layout_follows_the_definition():
-    attn = _build("bigbird", block_size=8)
-    nb = 13
+@pytest.mark.parametrize(("nb", "global_blocks", "expected_global"),
+                         [(13, 2, [0, 12]), (10, 1, [0]), (8, 0, []), (8, 3, [0, 1, 7]), (5, 2, [0, 4])])
+def test_bigbird_layout_follows_the_definition(nb, global_blocks, expected_global):
+    """Every query block's key blocks: its window (i-1, i, i+1, cut at the edges), the global blocks (the first
+    ceil(g/2) and the last floor(g/2)) and 3 random others (as many as remain), each once; heads draw apart."""
+    attn = _build("bigbird", block_size=8, num_global_blocks=global_blocks)
     index, valid = attn.block_layout(nb)
-    assert attn.global_blocks(nb) == [0, 12]
+    assert attn.global_blocks(nb) == expected_global
     for h in range(HEADS):
-        for i in range(1, nb - 1):
+        for i in range(nb):
             row = index[h, i][valid[h, i]].tolist()
             assert len(row) == len(set(row)), "a key block is listed twice"
-            fixed = {i - 1, i, i + 1, 0, 12}
+            fixed = {j for j in (i - 1, i, i + 1) if 0 <= j < nb} | set(expected_global)
             assert fixed <= set(row)
             drawn = set(row) - fixed
-            assert len(drawn) == 3 and all(0 <= j < nb for j in drawn)
-    assert not torch.equal(index[0], index[1]), "each head draws its own random blocks"
+            assert len(drawn) == min(3, nb - len(fixed)) and all(0 <= j < nb for j in drawn)
+    if nb > 5:
+        assert not torch.equal(index[0], index[1]), "each head draws its own random blocks"
 
 
 def test_bigbird_random_blocks_are_fixed_by_the_seed():
