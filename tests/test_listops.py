@@ -199,6 +199,34 @@ def test_listops_reader_names_file_and_line_of_bad_bytes_and_labels(tmp_path, co
         read_tsv(path, max_len=10)
 
 
+def test_a_damaged_file_s_fix_is_the_one_for_its_source(tmp_path):
+    """A malformed release file points at re-extracting the release, never at deleting it; a malformed generated
+    file at deleting its generated folder and generating again."""
+    release = tmp_path / "lra_release" / "listops-1000"
+    generate(SMALL, release, progress=False)
+    generated = _module(tmp_path, source="generate", generator=SMALL.as_dict())
+    generated.prepare_data()
+    for folder, dm in ((release, _module(tmp_path, cache_dir=tmp_path / "c1")),
+                       (generated.folder, _module(tmp_path, source="generate", generator=SMALL.as_dict(),
+                                                  cache_dir=tmp_path / "c2"))):
+        with open(folder / "basic_val.tsv", "a") as f:
+            f.write("( ( [MIN 1 ) ] )\tseven\n")
+        with pytest.raises(DataError) as err:
+            dm.prepare_data()
+        message = str(err.value)
+        assert "basic_val.tsv" in message and "label 'seven'" in message
+        if folder == release:
+            assert "lra-data download listops --force" in message and "delete" not in message
+        else:
+            assert f"delete {folder} and run `lra-data generate listops`" in message and "download" not in message
+
+
+def test_listops_reader_accepts_a_byte_order_mark(tmp_path):
+    path = tmp_path / "basic_train.tsv"
+    path.write_bytes("\ufeffSource\tTarget\n( ( [MIN 1 ) ] )\t1\n".encode())
+    assert read_tsv(path, max_len=4)["label"].tolist() == [1]
+
+
 def test_listops_reader_skips_blank_lines(tmp_path):
     path = tmp_path / "basic_train.tsv"
     path.write_bytes(b"Source\tTarget\r\n( ( [MIN 1 ) ] )\t1\r\n\r\n( ( [MAX 3 ) ] )\t3\n\n")

@@ -202,17 +202,19 @@ def test_bad_files_are_skipped_counted_and_reported(tmp_path, capsys):
     meta = root / "metadata" / "0.npy"
     lines = meta.read_text().splitlines()
     lines[5] = "imgs/0 sample_5.png 5"  # a line without its label
+    nul = next(i for i in range(6, len(lines)) if str(root.joinpath(*lines[i].split()[:2])) not in victims)
+    lines[nul] = lines[nul].replace("sample_", "sample_\0\0")  # zeros left by a crash or a full disk
     meta.write_text("\n".join(lines) + "\n")
     dm = _module(tmp_path, max_bad_fraction=0.05)
     dm.prepare_data()
     dm.setup()
     skipped = json.loads((dm.cache_dir / "skipped.json").read_text())
     reasons = [reason for entries in skipped.values() for _, reason in entries]
-    assert len(reasons) == 3 and sum(len(d) for d in dm.datasets.values()) == 197
+    assert len(reasons) == 4 and sum(len(d) for d in dm.datasets.values()) == 196
     assert any("truncated" in r for r in reasons) and any("empty" in r for r in reasons)
-    assert any("malformed metadata line" in r for r in reasons)
-    assert "skipped 3 unreadable entries" in capsys.readouterr().out
-    assert sum(dm.describe_source()["skipped"].values()) == 3
+    assert sum("malformed metadata line" in r for r in reasons) == 2
+    assert "skipped 4 unreadable entries" in capsys.readouterr().out
+    assert sum(dm.describe_source()["skipped"].values()) == 4
 
 
 def test_pathfinder_metadata_lines_that_are_not_utf8_are_skipped_and_named(tmp_path):

@@ -50,16 +50,24 @@ def tokenize(source: str) -> list[str]:
     return source.replace("]", "X").replace("(", "").replace(")", "").split()
 
 
-def read_tsv(path: Path, max_len: int) -> dict[str, np.ndarray]:
+RELEASE_FIX = "Fix the file, or get it again: `lra-data download listops --force` re-extracts the release."
+
+
+def generated_fix(folder: Path) -> str:
+    """How to remake a damaged file of generated ListOps in ``folder``."""
+    return (f"Fix the file, or make the data again: delete {folder} and run `lra-data generate listops` (or train: "
+            f"it regenerates).")
+
+
+def read_tsv(path: Path, max_len: int, fix: str = RELEASE_FIX) -> dict[str, np.ndarray]:
     """Token ids ``[n, max_len]`` (0-padded) and labels ``[n]`` of one ListOps TSV file.
 
-    The file is UTF-8 text: a ``Source<TAB>Target`` header, then ``<expression><TAB><label>`` rows (no
-    quoting; ``\\r\\n`` line ends are accepted), the label one ASCII digit 0-9. Blank lines are skipped.
-    Raises ``DataError`` naming the file and line of the first malformed row.
+    The file is UTF-8 text (a leading byte-order mark is allowed): a ``Source<TAB>Target`` header, then
+    ``<expression><TAB><label>`` rows (no quoting; ``\\r\\n`` line ends are accepted), the label one ASCII digit
+    0-9. Blank lines are skipped. Raises ``DataError`` naming the file and line of the first malformed row, ending
+    with ``fix`` (how to get the file again: the release's by default).
     """
     ids, labels, header = [], [], False
-    fix = (f"Fix the file, or get it again: `lra-data download listops --force` re-extracts the release; for "
-           f"generated data delete {path.parent} and run `lra-data generate listops` (or train: it regenerates).")
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
 
@@ -68,7 +76,7 @@ def read_tsv(path: Path, max_len: int) -> dict[str, np.ndarray]:
                                  f"'<expression><TAB><label 0-9>' after the 'Source<TAB>Target' header. {fix}")
 
             try:
-                line = raw.decode("utf-8").rstrip("\n").rstrip("\r")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\n").rstrip("\r")
             except UnicodeDecodeError as err:
                 raise bad(f"not UTF-8 text: byte {raw[err.start]:#04x} at column {err.start + 1}") from None
             row = line.split("\t")
@@ -156,7 +164,8 @@ class ListOpsDataModule(LRADataModule):
         return {"tokenizer": "lra-listops-bracket-fix", "vocab": VOCAB, "max_len": self.max_len}
 
     def read_split(self, split: str) -> dict[str, np.ndarray]:
-        return read_tsv(self.folder / f"basic_{split}.tsv", self.max_len)
+        fix = RELEASE_FIX if self.source == "release" else generated_fix(self.folder)
+        return read_tsv(self.folder / f"basic_{split}.tsv", self.max_len, fix)
 
     def breakdown(self):
         return "root operator", ROOT_OPERATORS, root_operator

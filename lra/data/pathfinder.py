@@ -457,9 +457,10 @@ def _metadata_lines(path: Path) -> list[list[str]]:
 
 
 def _inside(folder: str, name: str) -> bool:
-    """Whether a metadata line's image path stays inside the dataset folder (relative, no ``..``)."""
+    """Whether a metadata line's image path is a path inside the dataset folder (relative, no ``..``, no NUL byte:
+    the zeros a crash or a full disk leaves in a file)."""
     path = Path(folder, name)
-    return not path.is_absolute() and ".." not in path.parts
+    return "\0" not in folder + name and not path.is_absolute() and ".." not in path.parts
 
 
 def _numeric_order(path: Path):
