@@ -135,6 +135,9 @@ def test_missing_release_root_and_missing_split(tmp_path):
     (folder / "basic_train.tsv").write_text("Source\tTarget\n( ( [MIN 1 ) ] )\t1\n")
     with pytest.raises(DataError, match=r"missing: .*basic_val.tsv, .*basic_test.tsv"):
         _module(tmp_path).prepare_data()
+    (folder / "basic_val.tsv").mkdir()
+    with pytest.raises(DataError, match=r"missing: .*basic_val.tsv \(a folder, not a file\), .*basic_test.tsv"):
+        _module(tmp_path).prepare_data()
 
 
 def test_release_files_prepare_once_into_a_keyed_cache(tmp_path):

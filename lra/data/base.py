@@ -192,7 +192,7 @@ class LRADataModule(L.LightningDataModule):
         """What is missing of the release: its whole folder, or the files (for ``missing_help`` messages)."""
         if not release.is_dir():
             return f"the LRA release folder {release} does not exist"
-        return "missing: " + ", ".join(str(p) for p in missing)
+        return "missing: " + ", ".join(f"{p} (a folder, not a file)" if p.is_dir() else str(p) for p in missing)
 
     def ensure_sources(self) -> None:
         missing = [p for p in self.source_files() if not p.is_file()]
