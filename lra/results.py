@@ -211,22 +211,22 @@ def load_records(results_dir: str | Path) -> list[dict]:
     return load_json_records(Path(results_dir) / "runs", RUN_KEYS)
 
 
+def pooled(by: dict[str, dict]) -> tuple[int, int]:
+    """``(correct, rows)`` over every group of a record's ``*_by`` counts."""
+    return sum(c["correct"] for c in by.values()), sum(c["rows"] for c in by.values())
+
+
 def floor_spread(prior_by: dict) -> str | None:
     """How far an evaluation record's validation and test floors (``prior_by``, see ``group_prior``) sit from the
     floor on the training split, in binomial standard errors of their size: ``sqrt(p (1 - p) / n)`` with ``p`` the
     training split's floor and ``n`` the split's rows. None for records without the training split's floor."""
     if "train" not in prior_by:
         return None
-
-    def pooled(split: str) -> tuple[int, int]:
-        counts = prior_by[split].values()
-        return sum(c["correct"] for c in counts), sum(c["rows"] for c in counts)
-
-    correct, rows = pooled("train")
+    correct, rows = pooled(prior_by["train"])
     p = correct / rows
     parts = []
     for split, name in (("val", "validation"), ("test", "test")):
-        c, n = pooled(split)
+        c, n = pooled(prior_by[split])
         se = (p * (1 - p) / n) ** 0.5
         parts.append(f"{name} {100 * c / n:.2f} is {(c / n - p) / se:+.1f} standard errors ({100 * se:.2f} at {n} "
                      f"rows) from it" if se else f"{name} {100 * c / n:.2f} (no spread about a floor of 0 or 100)")

@@ -51,6 +51,7 @@ from lra.results import (
     floor_spread,
     load_json_records,
     load_records,
+    pooled,
     write_text_atomic,
 )
 
@@ -672,8 +673,8 @@ def validation_floors(records: list[dict], evals: list[dict]) -> dict[tuple, tup
     for e in [*evals, *records]:
         key = (e["protocol"], task_label(e))
         if e.get("prior_by") and data.get(key) == {_data_identity(e)}:
-            counts = e["prior_by"]["val"].values()
-            floors[key] = (100 * sum(c["correct"] for c in counts) / sum(c["rows"] for c in counts), e["by"])
+            correct, rows = pooled(e["prior_by"]["val"])
+            floors[key] = (100 * correct / rows, e["by"])
     return floors
 
 
